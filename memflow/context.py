@@ -1,0 +1,283 @@
+"""Per-run streaming state: frame sink, rolling local window, memory bank and text cache.
+
+One preallocated key/value buffer per run holds, for every layer, the tokens of
+
+    [ bank (bank_size frames) | sink (sink_size frames) | window ring (window_size frames) ]
+
+Absolute latent frame ``f`` lives in sink slot ``f - origin`` for the first ``sink_size`` frames
+after ``origin`` (0, or the restart point of a re-cache without ``global_sink``) and in ring slot
+``(f - origin - sink_size) % window_size`` afterwards. The ring never moves data: a new chunk
+simply overwrites the slots of the frames it evicts. Attention order inside the key set does not
+matter (positions are in the rotary phases), so a chunk's keys are one contiguous slice of the
+buffer: the visible bank slots, the sink, and the filled part of the ring.
+
+A model call is described by a ``CallPlan`` (pure integer bookkeeping on the host, no tensor
+reads), so the per-chunk loop never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import attention
+from .config import StreamConfig
+from .dit import TextKV
+from .memory import MemoryBank, select_memory_frames
+
+CALL_KINDS = ("denoise", "commit", "recache")
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What one model call over frames [start, start + num_frames) reads and writes."""
+
+    start: int
+    num_frames: int
+    kind: str
+    recompute: bool
+    runs: tuple[tuple[int, int, int], ...]  # (buffer token offset, new-token offset, tokens)
+    bank_len: int
+    sink_len: int
+    window_len: int
+    record: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_frames
+
+    @property
+    def writes_cache(self) -> bool:
+        return self.kind != "denoise"
+
+
+@dataclass
+class CallTrace:
+    """What one call attended to (device tensors until read)."""
+
+    start: int
+    num_frames: int
+    kind: str
+    sink: list[int]
+    window: list[int]
+    bank: torch.Tensor | None  # [L, B, bank_len] absolute frame ids
+    sma: list[torch.Tensor] = field(default_factory=list)  # per layer: frame ids [B, H, (n,) k]
+
+
+class StreamingContext:
+    """The attention context of the streaming generator (implements ``SelfAttentionContext``)."""
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        *,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        frame_tokens: int,
+        batch_size: int,
+        max_frames: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        self.config = config
+        self.frame_tokens = frame_tokens
+        self.sink = config.sink_size
+        self.window = max_frames - self.sink if config.memory == "full" else config.window_size
+        if self.window < 1:
+            raise ValueError(f"max_frames={max_frames} leaves no room after the {self.sink}-frame sink")
+        self.bank_slots = config.bank_size if config.uses_bank else 0
+        tokens = (self.bank_slots + self.sink + self.window) * frame_tokens
+        shape = (num_layers, batch_size, num_heads, tokens, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        bank_tokens = self.bank_slots * frame_tokens
+        self.bank = (
+            MemoryBank(self.k[:, :, :, :bank_tokens], self.v[:, :, :, :bank_tokens], frame_tokens, config)
+            if self.bank_slots
+            else None
+        )
+        self.text_kv: TextKV | None = None
+        self.text_mask: torch.Tensor | None = None
+        self.tracing = False
+        self.reset()
+
+    # -- run state ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything: a new video starts."""
+        self.k.zero_()
+        self.v.zero_()
+        self.origin = 0
+        self.committed = 0
+        self.plan: CallPlan | None = None
+        self.text_scores_stale = False
+        self.traces: list[CallTrace] = []
+        if self.bank is not None:
+            self.bank.reset()
+
+    def restart_sink(self, origin: int) -> None:
+        """Drop the sink and window (not the bank); frames from ``origin`` on refill them."""
+        self.k[:, :, :, self.bank_slots * self.frame_tokens :].zero_()
+        self.v[:, :, :, self.bank_slots * self.frame_tokens :].zero_()
+        self.origin = origin
+        self.committed = origin
+
+    def set_text(self, text_kv: TextKV, text_mask: torch.Tensor | None, *, switch: bool) -> None:
+        """Install a prompt's cross-attention keys/values (the text cache).
+
+        In reference mode a switch leaves the bank scoring against an empty text cache until
+        the first pass that is not a re-cache has run, as the released code does.
+        """
+        self.text_kv = text_kv
+        self.text_mask = text_mask
+        if switch and self.config.reference:
+            self.text_scores_stale = True
+
+    def update_bank(self, *, recache: bool = False) -> None:
+        """Before a chunk (or a re-cache): let the pending prototype into the bank."""
+        if self.bank is None:
+            return
+        text_k = None if self.text_scores_stale or self.text_kv is None else [k for k, _ in self.text_kv]
+        self.bank.update(text_k, self.text_mask, recache=recache)
+
+    # -- planning ----------------------------------------------------------------------------------
+    def begin(self, start: int, num_frames: int, kind: str) -> CallPlan:
+        """Plan a model call over frames [start, start + num_frames)."""
+        if kind not in CALL_KINDS:
+            raise ValueError(f"kind must be one of {CALL_KINDS}, got {kind!r}")
+        if start < self.origin:
+            raise ValueError(f"frame {start} lies before the current sink origin {self.origin}")
+        end = start + num_frames
+        recompute = end <= self.committed and start > self.origin
+        high = max(self.committed, end)
+        sink_end = self.origin + self.sink
+        first = max(start, sink_end) if recompute else start
+        t = self.frame_tokens
+        runs = []
+        for frame in range(first, min(end, sink_end)):
+            runs.append(((self.bank_slots + frame - self.origin) * t, (frame - start) * t, t))
+        for frame in range(max(first, sink_end, end - self.window), end):
+            slot = self.bank_slots + self.sink + (frame - sink_end) % self.window
+            runs.append((slot * t, (frame - start) * t, t))
+        bank_len = 0 if self.bank is None else self.bank.visible(start, num_frames, kind == "recache")
+        record = kind == "commit" and self.bank is not None and self.bank.records_at(start)
+        self.plan = CallPlan(
+            start=start,
+            num_frames=num_frames,
+            kind=kind,
+            recompute=recompute,
+            runs=_merge_runs(runs),
+            bank_len=bank_len,
+            sink_len=min(self.sink, high - self.origin),
+            window_len=min(self.window, max(0, high - sink_end)),
+            record=record,
+        )
+        if self.tracing:
+            self.traces.append(self._trace(self.plan))
+        return self.plan
+
+    def end(self) -> None:
+        """Finish the planned call: move the pointers of cache-writing passes."""
+        plan = self.plan
+        if plan.writes_cache and not plan.recompute:
+            self.committed = max(self.committed, plan.end)
+        if self.bank is not None and plan.writes_cache:
+            self.bank.after_commit(plan.end, plan.record, plan.recompute)
+        if plan.kind != "recache":
+            self.text_scores_stale = False
+        self.plan = None
+
+    def _trace(self, plan: CallPlan) -> CallTrace:
+        high = max(self.committed, plan.end)
+        sink_end = self.origin + self.sink
+        window_start = max(sink_end, high - self.window)
+        return CallTrace(
+            start=plan.start,
+            num_frames=plan.num_frames,
+            kind=plan.kind,
+            sink=list(range(self.origin, self.origin + plan.sink_len)),
+            window=list(range(window_start, high)),
+            bank=None if self.bank is None else self.bank.visible_frames(plan.bank_len).clone(),
+        )
+
+    # -- attention ---------------------------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Place the call's keys/values in the layer's buffer and attend (``SelfAttentionContext``)."""
+        plan = self.plan
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        keys, values = self.k[layer], self.v[layer]
+        if needs_grad:
+            keys, values = keys.clone(), values.clone()
+            if plan.writes_cache:
+                self._place(self.k[layer], self.v[layer], k.detach(), v.detach(), plan)
+        self._place(keys, values, k, v, plan)
+        if plan.record:
+            t = self.frame_tokens
+            self.bank.record(layer, k[:, :, :t].detach(), v[:, :, :t].detach(), plan.start)
+
+        t = self.frame_tokens
+        lo = (self.bank_slots - plan.bank_len) * t
+        mid = (self.bank_slots + plan.sink_len) * t
+        hi = (self.bank_slots + self.sink + plan.window_len) * t
+        if plan.window_len == 0:
+            hi = mid
+        if self.config.memory != "nam_sma":
+            return attention(q, keys[:, :, lo:hi], values[:, :, lo:hi])
+        return self._sparse_attend(layer, q, keys, values, lo, mid, hi)
+
+    @staticmethod
+    def _place(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan) -> None:
+        for dst, src, n in plan.runs:
+            keys[:, :, dst : dst + n] = k[:, :, src : src + n]
+            values[:, :, dst : dst + n] = v[:, :, src : src + n]
+
+    def _sparse_attend(
+        self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lo: int, mid: int, hi: int
+    ) -> torch.Tensor:
+        """SMA: each head attends to its ``top_k`` most relevant memory frames plus the window."""
+        t = self.frame_tokens
+        b, h, _, d = q.shape
+        memory_k = keys[:, :, lo:mid].unflatten(2, (-1, t))  # [B, H, M, T, D]: bank then sink
+        memory_v = values[:, :, lo:mid].unflatten(2, (-1, t))
+        frames = memory_k.shape[2]
+        top_k = min(self.config.top_k, frames)
+        per_frame = None if self.config.reference else t
+        chosen = select_memory_frames(q, memory_k, top_k, per_frame)
+        if self.tracing:
+            self.traces[-1].sma.append(self._memory_frame_ids(layer, chosen))
+        window_k, window_v = keys[:, :, mid:hi], values[:, :, mid:hi]
+        if per_frame is None:
+            index = chosen[..., None, None].expand(-1, -1, -1, t, d)
+            sel_k = torch.gather(memory_k, 2, index).flatten(2, 3)
+            sel_v = torch.gather(memory_v, 2, index).flatten(2, 3)
+            return attention(q, torch.cat([sel_k, window_k], 2), torch.cat([sel_v, window_v], 2))
+        allowed = torch.zeros(b, h, chosen.shape[2], frames, dtype=torch.bool, device=q.device)
+        allowed.scatter_(-1, chosen, True)
+        memory_mask = allowed.repeat_interleave(t, dim=2).repeat_interleave(t, dim=3)
+        window_mask = memory_mask.new_ones(b, h, q.shape[2], hi - mid)
+        mask = torch.cat([memory_mask, window_mask], dim=3)
+        return attention(q, keys[:, :, lo:hi], values[:, :, lo:hi], mask)
+
+    def _memory_frame_ids(self, layer: int, chosen: torch.Tensor) -> torch.Tensor:
+        """Map memory indices (visible bank slots in buffer order, then the sink) to frame ids."""
+        plan = self.plan
+        batch = chosen.shape[0]
+        ids = torch.arange(self.origin, self.origin + plan.sink_len, device=chosen.device).expand(batch, -1)
+        if self.bank is not None and plan.bank_len:
+            bank = self.bank.visible_frames(plan.bank_len)[layer].flip(-1)  # buffer order: [B, bank_len]
+            ids = torch.cat([bank, ids], dim=-1)
+        shape = (batch,) + (1,) * (chosen.dim() - 2) + (ids.shape[-1],)
+        ids = ids.reshape(shape).expand(*chosen.shape[:-1], -1)
+        return torch.gather(ids, -1, chosen)
+
+
+def _merge_runs(runs: list[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:
+    """Coalesce consecutive (dst, src, n) runs into longer copies."""
+    merged: list[list[int]] = []
+    for dst, src, n in runs:
+        if merged and merged[-1][0] + merged[-1][2] == dst and merged[-1][1] + merged[-1][2] == src:
+            merged[-1][2] += n
+        else:
+            merged.append([dst, src, n])
+    return tuple(tuple(r) for r in merged)

@@ -1,0 +1,206 @@
+"""StreamingGenerator: the one chunk loop shared by inference, training rollouts and benchmarks.
+
+A video is produced chunk by chunk (``num_frame_per_block`` latent frames each):
+
+* ``denoise_chunk``: from noise, run the few-step sampler; every step reads the cache (sink,
+  bank, window) and none writes it;
+* ``commit_chunk``: run the model once more on the finished chunk at ``context_noise`` to write
+  its keys/values into the cache (and record its prototype for the memory bank);
+* ``switch_prompt``: new text conditioning, then the KV re-cache of the most recent frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from memflow.config import StreamConfig
+from memflow.context import StreamingContext
+from memflow.dit import WanDiT
+from memflow.scheduler import FlowMatchScheduler
+
+NoiseFn = Callable[[int, int], torch.Tensor]
+
+
+class StreamingGenerator:
+    """Causal few-step generation over a ``StreamingContext``."""
+
+    def __init__(self, dit: WanDiT, config: StreamConfig, scheduler: FlowMatchScheduler | None = None):
+        self.dit = dit
+        self.config = config
+        self.scheduler = scheduler or FlowMatchScheduler(shift=config.timestep_shift)
+        steps = config.denoising_step_list
+        self.timesteps = (
+            self.scheduler.warp(steps) if config.warp_denoising_step else torch.tensor(steps, dtype=torch.float32)
+        )
+        self.context: StreamingContext | None = None
+        self._geometry: tuple | None = None
+
+    @property
+    def chunk(self) -> int:
+        return self.config.num_frame_per_block
+
+    # -- run lifecycle ---------------------------------------------------------------------------------
+    def start(
+        self,
+        prompt: torch.Tensor,
+        *,
+        num_frames: int,
+        latent_height: int,
+        latent_width: int,
+        batch_size: int | None = None,
+    ) -> None:
+        """Begin a new video of ``num_frames`` latent frames conditioned on ``prompt`` [B, T, text_dim].
+
+        The context buffers are allocated once and reused across videos of the same geometry.
+        """
+        if num_frames % self.chunk:
+            raise ValueError(f"num_frames={num_frames} is not a multiple of num_frame_per_block={self.chunk}")
+        batch = batch_size or prompt.shape[0]
+        cfg = self.dit.config
+        param = next(self.dit.parameters())
+        geometry = (batch, num_frames if self.config.memory == "full" else None, latent_height, latent_width,
+                    param.dtype, param.device)
+        if geometry != self._geometry:
+            self.context = StreamingContext(
+                self.config,
+                num_layers=cfg.num_layers,
+                num_heads=cfg.num_heads,
+                head_dim=cfg.head_dim,
+                frame_tokens=cfg.tokens_per_frame(latent_height, latent_width),
+                batch_size=batch,
+                max_frames=num_frames,
+                dtype=param.dtype,
+                device=param.device,
+            )
+            self._geometry = geometry
+        else:
+            self.context.reset()
+        self.num_frames = num_frames
+        self.frame = 0
+        self._recent: list[torch.Tensor] = []
+        self.set_prompt(prompt)
+
+    def set_prompt(self, prompt: torch.Tensor, *, switch: bool = False) -> None:
+        """Condition the following chunks on ``prompt`` [B, T, text_dim] (no re-cache)."""
+        with torch.no_grad():
+            text_kv = self.dit.text_kv(prompt)
+        rows = prompt.abs().sum(-1) > 0
+        mask = torch.zeros(prompt.shape[0], self.dit.config.text_len, dtype=torch.bool, device=prompt.device)
+        mask[:, : rows.shape[1]] = rows
+        self.context.set_text(text_kv, mask, switch=switch)
+
+    def switch_prompt(self, prompt: torch.Tensor) -> None:
+        """Prompt switch before the next chunk: new text cache, then re-cache recent frames (KV re-cache)."""
+        self.set_prompt(prompt, switch=True)
+        if self.frame == 0:
+            return
+        span = self.frame if self.config.memory == "full" else min(self.config.local_attn_size, self.frame)
+        start = self.frame - span
+        if not self.config.global_sink:
+            self.context.restart_sink(start)
+        self.context.update_bank(recache=True)
+        frames = torch.cat(self._recent, dim=1)[:, -span:]
+        with torch.no_grad():
+            self._forward(frames, start, self.config.context_noise, "recache")
+
+    # -- one chunk ---------------------------------------------------------------------------------------
+    def denoise_chunk(
+        self,
+        noise: torch.Tensor,
+        *,
+        renoise: NoiseFn | None = None,
+        generator: torch.Generator | None = None,
+        exit_step: int | None = None,
+        requires_grad: bool = False,
+    ) -> torch.Tensor:
+        """Sample the next chunk from ``noise`` [B, chunk, C, H, W]; returns its x0 prediction.
+
+        ``renoise(chunk_index, step)`` supplies the fresh noise after each step (default: Gaussian
+        from ``generator``). ``exit_step`` stops early (Self-Forcing); only that step runs with
+        autograd when ``requires_grad``.
+        """
+        if noise.shape[1] != self.chunk:
+            raise ValueError(f"a chunk has {self.chunk} latent frames, got {noise.shape[1]}")
+        if self.frame >= self.num_frames:
+            raise ValueError(f"all {self.num_frames} frames of this video are already generated")
+        last = len(self.timesteps) - 1 if exit_step is None else exit_step
+        self.context.update_bank()
+        x = noise
+        for step in range(last + 1):
+            t = self.timesteps[step]
+            with torch.set_grad_enabled(requires_grad and step == last):
+                flow = self._forward(x, self.frame, t, "denoise")
+                x0 = self.scheduler.flow_to_x0(flow, x, self._t(x, t))
+            if step == last:
+                return x0
+            next_t = self.timesteps[step + 1]
+            eps = renoise(self.frame // self.chunk, step) if renoise else _randn_like(x0, generator)
+            x = self.scheduler.add_noise(x0, eps.to(x0.device, x0.dtype), self._t(x0, next_t))
+        raise AssertionError("unreachable")
+
+    def commit_chunk(self, x0: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
+        """Write the finished chunk into the cache with one clean pass at ``context_noise``."""
+        t = torch.tensor(self.config.context_noise, dtype=torch.float32)
+        x = x0.detach()
+        if self.config.context_noise > 0:
+            x = self.scheduler.add_noise(x, _randn_like(x, generator), self._t(x, t))
+        with torch.no_grad():
+            self._forward(x, self.frame, t, "commit")
+        self._recent.append(x0.detach())
+        keep = self.num_frames if self.config.memory == "full" else self.config.local_attn_size
+        while sum(c.shape[1] for c in self._recent) - self._recent[0].shape[1] >= keep:
+            self._recent.pop(0)
+        self.frame += x0.shape[1]
+
+    # -- whole video -------------------------------------------------------------------------------------
+    def generate(
+        self,
+        noise: torch.Tensor,
+        prompts: Sequence[torch.Tensor],
+        switch_frames: Sequence[int] = (),
+        *,
+        renoise: NoiseFn | None = None,
+        generator: torch.Generator | None = None,
+        on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Latents [B, F, C, H, W] from noise, switching to ``prompts[i + 1]`` at ``switch_frames[i]``."""
+        if len(prompts) != len(switch_frames) + 1:
+            raise ValueError(f"{len(prompts)} prompts need {len(prompts) - 1} switch frames, got {len(switch_frames)}")
+        b, f, _, h, w = noise.shape
+        self.start(prompts[0], num_frames=f, latent_height=h, latent_width=w, batch_size=b)
+        out = torch.empty_like(noise)
+        segment = 0
+        for start in range(0, f, self.chunk):
+            while segment < len(switch_frames) and start >= switch_frames[segment]:
+                segment += 1
+                self.switch_prompt(prompts[segment])
+            x0 = self.denoise_chunk(noise[:, start : start + self.chunk], renoise=renoise, generator=generator)
+            self.commit_chunk(x0, generator=generator)
+            out[:, start : start + self.chunk] = x0
+            if on_chunk is not None:
+                on_chunk(start // self.chunk, x0)
+        return out
+
+    # -- internals ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0], x.shape[1])
+
+    def _forward(self, x: torch.Tensor, start: int, t: torch.Tensor | float, kind: str) -> torch.Tensor:
+        self.context.begin(start, x.shape[1], kind)
+        try:
+            return self.dit(
+                x,
+                self._t(x, torch.as_tensor(t)),
+                text_kv=self.context.text_kv,
+                start_frame=start,
+                attention_context=self.context,
+            )
+        finally:
+            self.context.end()
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
