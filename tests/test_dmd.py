@@ -139,8 +139,7 @@ def test_per_frame_timesteps_and_weighted_critic_loss():
         assert t.shape == (2, 3)
         return torch.zeros_like(xt)
 
-    objective = DMDObjective(zero_flow, zero_flow, sched, sampler, per_frame_timesteps=True,
-                             weight_critic_loss=True)
+    objective = DMDObjective(zero_flow, zero_flow, sched, sampler, per_frame_timesteps=True, weight_critic_loss=True)
     x0, cond = _latents(), torch.randn(2, 5, 32)
     torch.manual_seed(3)
     loss, _ = objective.critic_loss(x0, cond)

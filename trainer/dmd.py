@@ -145,9 +145,7 @@ class DMDObjective:
             uncond = self.negative_context
         return uncond.expand(batch_size, *uncond.shape[1:]) if uncond.shape[0] == 1 else uncond
 
-    def real_x0(
-        self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor
-    ) -> torch.Tensor:
+    def real_x0(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """The guided real score in x0 space (the release converts flow to x0, then guides)."""
         x0_cond = self._x0(self.real_score, xt, t, cond)
         x0_uncond = self._x0(self.real_score, xt, t, uncond)
