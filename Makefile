@@ -21,7 +21,7 @@ lint: venv
 
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 golden: venv
 	$(BIN)/python scripts/check_golden.py

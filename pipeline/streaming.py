@@ -26,9 +26,13 @@ NoiseFn = Callable[[int, int], torch.Tensor]
 class StreamingGenerator:
     """Causal few-step generation over a ``StreamingContext``."""
 
-    def __init__(self, dit: WanDiT, config: StreamConfig, scheduler: FlowMatchScheduler | None = None):
+    def __init__(
+        self, dit: WanDiT, config: StreamConfig, scheduler: FlowMatchScheduler | None = None, *, trace: bool = False
+    ):
+        """``trace=True`` keeps, for every model call, what it attended to (``context.traces``)."""
         self.dit = dit
         self.config = config
+        self.trace = trace
         self.scheduler = scheduler or FlowMatchScheduler(shift=config.timestep_shift)
         steps = config.denoising_step_list
         self.timesteps = (
@@ -77,6 +81,7 @@ class StreamingGenerator:
             self._geometry = geometry
         else:
             self.context.reset()
+        self.context.tracing = self.trace
         self.num_frames = num_frames
         self.frame = 0
         self._recent: list[torch.Tensor] = []
@@ -114,12 +119,13 @@ class StreamingGenerator:
         generator: torch.Generator | None = None,
         exit_step: int | None = None,
         requires_grad: bool = False,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Sample the next chunk from ``noise`` [B, chunk, C, H, W]; returns its x0 prediction.
 
         ``renoise(chunk_index, step)`` supplies the fresh noise after each step (default: Gaussian
         from ``generator``). ``exit_step`` stops early (Self-Forcing); only that step runs with
-        autograd when ``requires_grad``.
+        autograd when ``requires_grad``. ``on_step(step, x0)`` sees every step's prediction.
         """
         if noise.shape[1] != self.chunk:
             raise ValueError(f"a chunk has {self.chunk} latent frames, got {noise.shape[1]}")
@@ -133,6 +139,8 @@ class StreamingGenerator:
             with torch.set_grad_enabled(requires_grad and step == last):
                 flow = self._forward(x, self.frame, t, "denoise")
                 x0 = self.scheduler.flow_to_x0(flow, x, self._t(x, t))
+            if on_step is not None:
+                on_step(step, x0)
             if step == last:
                 return x0
             next_t = self.timesteps[step + 1]
@@ -164,10 +172,16 @@ class StreamingGenerator:
         renoise: NoiseFn | None = None,
         generator: torch.Generator | None = None,
         on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Latents [B, F, C, H, W] from noise, switching to ``prompts[i + 1]`` at ``switch_frames[i]``."""
+        """Latents [B, F, C, H, W] from noise, switching to ``prompts[i + 1]`` at ``switch_frames[i]``.
+
+        ``on_chunk(chunk_index, x0)`` is called as each chunk is finished (e.g. to decode it).
+        """
         if len(prompts) != len(switch_frames) + 1:
-            raise ValueError(f"{len(prompts)} prompts need {len(prompts) - 1} switch frames, got {len(switch_frames)}")
+            raise ValueError(
+                f"{len(prompts)} prompts need {len(prompts) - 1} switch frames, got {len(switch_frames)}"
+            )
         b, f, _, h, w = noise.shape
         self.start(prompts[0], num_frames=f, latent_height=h, latent_width=w, batch_size=b)
         out = torch.empty_like(noise)
@@ -176,7 +190,9 @@ class StreamingGenerator:
             while segment < len(switch_frames) and start >= switch_frames[segment]:
                 segment += 1
                 self.switch_prompt(prompts[segment])
-            x0 = self.denoise_chunk(noise[:, start : start + self.chunk], renoise=renoise, generator=generator)
+            x0 = self.denoise_chunk(
+                noise[:, start : start + self.chunk], renoise=renoise, generator=generator, on_step=on_step
+            )
             self.commit_chunk(x0, generator=generator)
             out[:, start : start + self.chunk] = x0
             if on_chunk is not None:
