@@ -23,6 +23,13 @@ class FlowMatchScheduler:
         y = torch.exp(-2 * ((self.timesteps - n / 2) / n) ** 2)
         y = y - y.min()
         self.linear_timesteps_weights = y * (n / y.sum())
+        self._grids: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _grid(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps, sigmas) on ``device``, copied once so the sampling loop never copies."""
+        if device not in self._grids:
+            self._grids[device] = (self.timesteps.to(device), self.sigmas.to(device))
+        return self._grids[device]
 
     def warp(self, steps: Sequence[float]) -> torch.Tensor:
         """Map nominal steps (e.g. 1000, 750, 500, 250) onto the shifted schedule."""
@@ -34,9 +41,9 @@ class FlowMatchScheduler:
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """sigma for timesteps t (any shape), from the nearest grid timestep."""
-        grid = self.timesteps.to(t.device)
+        grid, sigmas = self._grid(t.device)
         idx = (grid[None] - t.reshape(-1, 1).float()).abs().argmin(dim=1)
-        return self.sigmas.to(t.device)[idx].reshape(t.shape)
+        return sigmas[idx].reshape(t.shape)
 
     @staticmethod
     def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

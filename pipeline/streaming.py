@@ -82,6 +82,8 @@ class StreamingGenerator:
         else:
             self.context.reset()
         self.context.tracing = self.trace
+        self.timesteps = self.timesteps.to(param.device)
+        self._context_t = torch.tensor(self.config.context_noise, dtype=torch.float32, device=param.device)
         self.num_frames = num_frames
         self.frame = 0
         self._recent: list[torch.Tensor] = []
@@ -108,7 +110,7 @@ class StreamingGenerator:
         self.context.update_bank(recache=True)
         frames = torch.cat(self._recent, dim=1)[:, -span:]
         with torch.no_grad():
-            self._forward(frames, start, self.config.context_noise, "recache")
+            self._forward(frames, start, self._context_t, "recache")
 
     # -- one chunk ---------------------------------------------------------------------------------------
     def denoise_chunk(
@@ -150,7 +152,7 @@ class StreamingGenerator:
 
     def commit_chunk(self, x0: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
         """Write the finished chunk into the cache with one clean pass at ``context_noise``."""
-        t = torch.tensor(self.config.context_noise, dtype=torch.float32)
+        t = self._context_t
         x = x0.detach()
         if self.config.context_noise > 0:
             x = self.scheduler.add_noise(x, _randn_like(x, generator), self._t(x, t))
@@ -202,14 +204,15 @@ class StreamingGenerator:
     # -- internals ---------------------------------------------------------------------------------------
     @staticmethod
     def _t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0], x.shape[1])
+        """A scalar device timestep broadcast to [B, frames]."""
+        return t.expand(x.shape[0], x.shape[1])
 
-    def _forward(self, x: torch.Tensor, start: int, t: torch.Tensor | float, kind: str) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, start: int, t: torch.Tensor, kind: str) -> torch.Tensor:
         self.context.begin(start, x.shape[1], kind)
         try:
             return self.dit(
                 x,
-                self._t(x, torch.as_tensor(t)),
+                self._t(x, t),
                 text_kv=self.context.text_kv,
                 start_frame=start,
                 attention_context=self.context,
