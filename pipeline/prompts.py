@@ -255,7 +255,7 @@ def load_jsonl_prompts(
 ) -> list[PromptSchedule]:
     """Release JSONL: one ``{"prompts": [...]}`` video per non-blank line, switching at the given frames.
 
-    Other keys on a line are ignored.
+    Prompt texts are kept verbatim (as the release encodes them); other keys on a line are ignored.
     """
     path, text = _read_text(path, "prompt file")
     videos = []
@@ -282,7 +282,7 @@ def load_jsonl_prompts(
             starts = [0, *check_switch_frames(switch_frame_indices, len(prompts), num_frames, chunk_frames)]
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
-        segments = [PromptSegment(start, ((p.strip(), 1.0),)) for start, p in zip(starts, prompts, strict=True)]
+        segments = [PromptSegment(start, ((p, 1.0),)) for start, p in zip(starts, prompts, strict=True)]
         videos.append(PromptSchedule(tuple(segments), num_frames, chunk_frames))
     if not videos:
         raise MemFlowError(f'{path} has no prompts; write one {{"prompts": [...]}} object per line')
@@ -384,7 +384,7 @@ def load_timeline(path: str | Path, chunk_frames: int, num_frames: int | None = 
             weight = js.get(item, "weight", item_where, (int, float), 1.0)
             if weight < 0:
                 raise js.fail(f"{item_where}.weight", f"must be >= 0, got {weight}")
-            pairs.append((text_.strip(), float(weight)))
+            pairs.append((text_, float(weight)))
         if sum(w for _, w in pairs) <= 0:
             raise js.fail(f"{where}.prompts", "weights sum to 0; give one prompt a weight > 0")
         start = seconds_to_latent_frame(start_time, chunk_frames)
