@@ -201,6 +201,40 @@ class StreamingGenerator:
                 on_chunk(start // self.chunk, x0)
         return out
 
+    # -- what memory did ---------------------------------------------------------------------------------
+    def memory_trace(self, sample: int = 0) -> dict:
+        """Per chunk, what its first denoising pass attended to (needs ``trace=True``).
+
+        Schema: ``{"num_frames", "chunk_frames", "num_layers", "num_heads", "chunks": [{"chunk",
+        "start_frame", "num_frames", "switch", "sink", "window", "bank", "sma"}]}``; ``window``
+        lists earlier frames only, ``bank`` is per layer, ``sma`` per layer and head (or null).
+        """
+        if not self.trace or self.context is None:
+            raise ValueError("construct the StreamingGenerator with trace=True to record a memory trace")
+        chunks, switch = [], False
+        for call in self.context.traces:
+            if call.kind == "recache":
+                switch = True
+            if call.kind != "denoise" or (chunks and chunks[-1]["start_frame"] == call.start):
+                continue
+            sma = None
+            if call.sma:
+                sma = [[sorted(set(head)) for head in layer[sample].flatten(1).tolist()] for layer in call.sma]
+            chunks.append({
+                "chunk": call.start // self.chunk,
+                "start_frame": call.start,
+                "num_frames": call.num_frames,
+                "switch": switch,
+                "sink": [f for f in call.sink if f < call.start] or call.sink,
+                "window": [f for f in call.window if f < call.start],
+                "bank": None if call.bank is None else call.bank[:, sample].tolist(),
+                "sma": sma,
+            })
+            switch = False
+        cfg = self.dit.config
+        return {"num_frames": self.num_frames, "chunk_frames": self.chunk, "num_layers": cfg.num_layers,
+                "num_heads": cfg.num_heads, "chunks": chunks}
+
     # -- internals ---------------------------------------------------------------------------------------
     @staticmethod
     def _t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -280,3 +280,17 @@ def test_generator_rejects_bad_calls(dit):
         gen.start(_prompt(0), num_frames=10, latent_height=H, latent_width=W)
     with pytest.raises(ValueError, match="switch frames"):
         gen.generate(_latents(6), [_prompt(0), _prompt(1)], [])
+
+
+def test_memory_trace_lists_what_each_chunk_saw(dit):
+    config = StreamConfig(memory="nam_sma", local_attn_size=9, bank_size=2, record_interval=1, top_k=2)
+    _, gen = _generate(dit, config, 18, [_prompt(0), _prompt(1)], [9], trace=True)
+    trace = gen.memory_trace()
+    assert [c["start_frame"] for c in trace["chunks"]] == [0, 3, 6, 9, 12, 15]
+    assert [c["switch"] for c in trace["chunks"]] == [False, False, False, True, False, False]
+    last = trace["chunks"][-1]
+    assert last["sink"] == [0, 1, 2] and last["window"] == [12, 13, 14]
+    assert len(last["bank"]) == dit.config.num_layers and all(len(b) <= 2 for b in last["bank"])
+    assert len(last["sma"][0]) == dit.config.num_heads and all(len(h) == 2 for h in last["sma"][0])
+    with pytest.raises(ValueError, match="trace=True"):
+        _generate(dit, config, 6)[1].memory_trace()
