@@ -143,7 +143,7 @@ class StreamingDecoder:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B, f, C, h, w] -> pixels [B, T, 3, H, W] in [-1, 1]."""
         model = self.vae.model
-        z = model.post_quant_conv(self.vae.denormalize(latents).transpose(1, 2))
+        z = model.post_quant_conv(self.vae.denormalize(self.vae.to_model(latents)).transpose(1, 2))
         frames = []
         for i in range(z.shape[2]):
             frames.append(
@@ -177,19 +177,20 @@ class WanVAE:
         mean, std = self._stats(latents)
         return latents * std + mean
 
-    def _model_input(self, x: torch.Tensor) -> torch.Tensor:
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the VAE's device and in its parameter dtype."""
         return x.to(device=self.device, dtype=next(self.model.parameters()).dtype)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Pixels [B, T, 3, H, W] (T = 1 + 4k) -> normalised latent means [B, F, C, h, w]."""
-        mu = self.model.encode(self._model_input(video).transpose(1, 2)).latent_dist.mode()
+        mu = self.model.encode(self.to_model(video).transpose(1, 2)).latent_dist.mode()
         return self.normalize(mu.transpose(1, 2))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Whole-video decode: normalised latents [B, F, C, h, w] -> pixels [B, T, 3, H, W]."""
-        z = self.denormalize(self._model_input(latents)).transpose(1, 2)
+        z = self.denormalize(self.to_model(latents)).transpose(1, 2)
         return self.model.decode(z).sample.transpose(1, 2)
 
     def streaming_decoder(self) -> StreamingDecoder:

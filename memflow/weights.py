@@ -272,7 +272,7 @@ def select_entry(checkpoint: Mapping, entry: str, path: Path, choices: Iterable[
     return value
 
 
-def dit_weights_file(path: Path) -> Path:
+def dit_weights_file(path: Path, preset: str = "wan2.1-t2v-1.3b") -> Path:
     """Resolve a DiT location: a file, an original Wan folder, or a Diffusers root / ``transformer/``."""
     path = Path(path)
     if path.is_file():
@@ -281,7 +281,8 @@ def dit_weights_file(path: Path) -> Path:
         for name in (WAN_DIT_INDEX, WAN_DIT_FILE):
             if (folder / name).is_file():
                 return folder / name
-    return require_file(path / WAN_DIT_FILE, "DiT weights", DOWNLOAD_HINTS["wan2.1-t2v-1.3b"])
+    hint = DOWNLOAD_HINTS.get(preset, DOWNLOAD_HINTS["wan2.1-t2v-1.3b"])
+    return require_file(path / WAN_DIT_FILE, "DiT weights", hint)
 
 
 def read_dit_state_dict(
@@ -317,7 +318,7 @@ def load_dit(
     """Build ``preset`` on the meta device and assign the weights found at ``path`` into it."""
     with torch.device("meta"):
         model = build_dit(preset, causal=causal, **overrides)
-    file = dit_weights_file(path)
+    file = dit_weights_file(path, preset)
     assign_exact(model, read_dit_state_dict(file, entry, dtype), str(file))
     return model.to(device)
 
