@@ -66,7 +66,9 @@ def _linear_in(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return x.to(layer.weight.dtype)
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """The q/k/v/o projections and q/k RMS norms shared by self- and cross-attention."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -77,6 +79,16 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, dim] -> [B, L, H, D]."""
+        return x.view(*x.shape[:2], self.num_heads, self.head_dim)
+
+    def out(self, attn: torch.Tensor) -> torch.Tensor:
+        """Head-first [B, H, L, D] -> projected [B, L, dim]."""
+        return self.o(attn.transpose(1, 2).flatten(2))
+
+
+class SelfAttention(_Projections):
     def forward(
         self,
         x: torch.Tensor,
@@ -85,42 +97,22 @@ class SelfAttention(nn.Module):
         context: SelfAttentionContext | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        b, n, _ = x.shape
         x = _linear_in(x, self.q)
-        heads = (b, n, self.num_heads, self.head_dim)
-        q = apply_rope(self.norm_q(self.q(x)).view(heads), *rope).transpose(1, 2)
-        k = apply_rope(self.norm_k(self.k(x)).view(heads), *rope).transpose(1, 2)
-        v = self.v(x).view(heads).transpose(1, 2)
-        out = attention(q, k, v, mask) if context is None else context.attend(layer, q, k, v)
-        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+        q = apply_rope(self.heads(self.norm_q(self.q(x))), *rope).transpose(1, 2)
+        k = apply_rope(self.heads(self.norm_k(self.k(x))), *rope).transpose(1, 2)
+        v = self.heads(self.v(x)).transpose(1, 2)
+        return self.out(attention(q, k, v, mask) if context is None else context.attend(layer, q, k, v))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.k = nn.Linear(cfg.dim, cfg.dim)
-        self.v = nn.Linear(cfg.dim, cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-
+class CrossAttention(_Projections):
     def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values [B, H, T, D] of the embedded text; computed once per prompt."""
-        b, t, _ = text.shape
-        heads = (b, t, self.num_heads, self.head_dim)
         text = _linear_in(text, self.k)
-        k = self.norm_k(self.k(text)).view(heads).transpose(1, 2)
-        v = self.v(text).view(heads).transpose(1, 2)
-        return k, v
+        return self.heads(self.norm_k(self.k(text))).transpose(1, 2), self.heads(self.v(text)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        b, n, _ = x.shape
-        x = _linear_in(x, self.q)
-        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        out = attention(q, *kv)
-        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+        q = self.heads(self.norm_q(self.q(_linear_in(x, self.q)))).transpose(1, 2)
+        return self.out(attention(q, *kv))
 
 
 class Block(nn.Module):
