@@ -168,8 +168,8 @@ class DMDObjective:
         """Flow-matching denoising loss of the fake score on (detached) generator samples.
 
         The target is the flow noise - x0 (``FlowMatchScheduler.training_target``), the quantity
-        the critic predicts, so the loss does not blow up near t = 0 as an x0 target divided
-        back through sigma would.
+        the critic predicts, as in the release; an x0-space MSE would be sigma^2 times this one
+        and all but ignore the low-noise timesteps.
         """
         xt, t, noise = self._noised(x0.detach())
         flow = self.fake_score(xt, t, cond)

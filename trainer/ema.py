@@ -18,7 +18,8 @@ class EMA:
     """shadow = decay * shadow + (1 - decay) * param from ``start_step`` on.
 
     Before ``start_step`` the shadow follows the parameters exactly, which is the release's
-    behaviour of creating the average at ``start_step``. The shadow is kept in float32.
+    behaviour of creating the average at ``start_step``. The shadow is kept in float32. Build
+    it after ``shard_model`` / ``get_peft_model``: it holds the parameters it was built from.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.99, start_step: int = 200):
