@@ -108,7 +108,8 @@ class CrossAttention(_Projections):
     def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values [B, H, T, D] of the embedded text; computed once per prompt."""
         text = _linear_in(text, self.k)
-        return self.heads(self.norm_k(self.k(text))).transpose(1, 2), self.heads(self.v(text)).transpose(1, 2)
+        k = self.heads(self.norm_k(self.k(text))).transpose(1, 2).contiguous()
+        return k, self.heads(self.v(text)).transpose(1, 2).contiguous()
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q = self.heads(self.norm_q(self.q(_linear_in(x, self.q)))).transpose(1, 2)
