@@ -261,9 +261,16 @@ class RunPlan:
     num_frames: int
     jobs: list[VideoJob]
     total_videos: int
+    rank: int
+    world_size: int
     output_folder: Path
     device: torch.device
     dtype: torch.dtype
+
+
+def vae_spatial_stride(preset: str) -> int:
+    """Pixels per latent row/column of a VAE preset (each stage after the first halves the size)."""
+    return 2 ** (len(vae_config(preset)["dim_mult"]) - 1)
 
 
 def video_seed(seed: int, index: int) -> int:
@@ -334,9 +341,7 @@ def plan_run(cfg: DictConfig, *, rank: int = 0, world_size: int = 1, local_rank:
         dit = dit_config(model, **overrides)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model_overrides={overrides}: {err}") from None
-    vae_name = require_choice(cfg, "vae", sorted(VAE_PRESETS))
-    vae_cfg = vae_config(vae_name)
-    stride = 2 ** (len(vae_cfg["dim_mult"]) - 1)
+    stride = vae_spatial_stride(require_choice(cfg, "vae", sorted(VAE_PRESETS)))
     _, patch_h, patch_w = dit.patch_size
     why = f"the VAE downsamples {stride}x and the DiT patches {{}} latents"
     height = require_multiple_of(cfg, "height", stride * patch_h, why.format(patch_h))
@@ -379,7 +384,8 @@ def plan_run(cfg: DictConfig, *, rank: int = 0, world_size: int = 1, local_rank:
     return RunPlan(
         config=cfg, stream=stream, dit=dit, height=height, width=width,
         latent_height=height // stride, latent_width=width // stride, num_frames=num_frames,
-        jobs=jobs, total_videos=len(stems), output_folder=folder, device=device, dtype=dtype,
+        jobs=jobs, total_videos=len(stems), rank=rank, world_size=world_size, output_folder=folder, device=device,
+        dtype=dtype,
     )  # fmt: skip
 
 
@@ -630,6 +636,8 @@ class VideoRunner:
             "sample_index": job.index,
             "prompt_index": job.prompt_index,
             "sample": job.sample,
+            "rank": plan.rank,
+            "world_size": plan.world_size,
             "prompts": job.schedule.to_dict(),
             "switch_frames": job.schedule.switch_frames,
             "resolution": {"height": plan.height, "width": plan.width},
