@@ -242,10 +242,6 @@ class VideoJob:
     stem: str
     seed: int
 
-    @property
-    def title(self) -> str:
-        return self.schedule.segments[0].prompts[0][0]
-
 
 @dataclass(frozen=True)
 class RunPlan:
