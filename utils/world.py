@@ -49,6 +49,7 @@ PATTERNS = ("solid", "striped", "dotted")
 SIZES: dict[str, float] = {"small": 5.5, "medium": 8.0, "large": 11.0}  # half extent in pixels
 PATTERN_PERIOD = 5.0
 DOT_RADIUS = 1.2
+RING_MIDDLE = 0.675  # a ring's band runs from 0.35 to 1.0 of its half extent
 
 # top colour, bottom colour of each scene's vertical gradient
 SCENE_GRADIENTS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
@@ -213,23 +214,35 @@ def shape_distance(shape: str, px: np.ndarray, py: np.ndarray, r: np.ndarray) ->
     if shape == "cross":
         return np.minimum(_box(px, py, r, 0.4 * r), _box(px, py, 0.4 * r, r))
     if shape == "ring":
-        return np.abs(np.hypot(px, py) - 0.72 * r) - 0.28 * r
+        return np.abs(np.hypot(px, py) - RING_MIDDLE * r) - (1.0 - RING_MIDDLE) * r
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def pattern_weight(pattern: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
-    """Anti-aliased weight (0..1) of the darker pattern marks, anchored to the subject's centre."""
+def pattern_weight(pattern: str, shape: str, px: np.ndarray, py: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Anti-aliased weight (0..1) of the darker pattern marks, anchored to the subject's centre.
+
+    Stripes run diagonally with period ``PATTERN_PERIOD``; dots sit on a square lattice of that period,
+    except on a ring, whose dots are spaced along the middle of its band so that even a small ring shows them.
+    """
     if pattern == "solid":
         return np.zeros(np.broadcast_shapes(px.shape, py.shape))
     if pattern == "striped":
         s = (px + py) / np.sqrt(2.0)
         dist = np.abs(np.mod(s, PATTERN_PERIOD) - PATTERN_PERIOD / 2.0)
         return np.clip(PATTERN_PERIOD / 4.0 - dist + 0.5, 0.0, 1.0)
-    if pattern == "dotted":
+    if pattern != "dotted":
+        raise ValueError(f"unknown pattern {pattern!r}")
+    if shape == "ring":
+        middle = RING_MIDDLE * r
+        count = np.maximum(4.0, np.round(2.0 * np.pi * middle / PATTERN_PERIOD))
+        step = 2.0 * np.pi / count
+        angle = np.round(np.arctan2(py, px) / step) * step
+        distance = np.hypot(px - middle * np.cos(angle), py - middle * np.sin(angle))
+    else:
         gx = np.mod(px + PATTERN_PERIOD / 2.0, PATTERN_PERIOD) - PATTERN_PERIOD / 2.0
         gy = np.mod(py + PATTERN_PERIOD / 2.0, PATTERN_PERIOD) - PATTERN_PERIOD / 2.0
-        return np.clip(DOT_RADIUS + 0.5 - np.hypot(gx, gy), 0.0, 1.0)
-    raise ValueError(f"unknown pattern {pattern!r}")
+        distance = np.hypot(gx, gy)
+    return np.clip(DOT_RADIUS + 0.5 - distance, 0.0, 1.0)
 
 
 def shade_of(colour: str) -> np.ndarray:
@@ -276,7 +289,7 @@ def _layers(shot: Shot, num_frames: int) -> list[tuple[np.ndarray, np.ndarray]]:
         x, y, r = (a.astype(np.float32)[:, None, None] for a in actor.motion.trajectory(num_frames))
         px, py = _GRID_X[None] - x, _GRID_Y[None] - y
         coverage = np.clip(0.5 - shape_distance(actor.subject.shape, px, py, r), 0.0, 1.0)
-        weight = pattern_weight(actor.subject.pattern, px, py)[..., None]
+        weight = pattern_weight(actor.subject.pattern, actor.subject.shape, px, py, r)[..., None]
         base = np.asarray(COLOURS[actor.subject.colour], dtype=np.float32)
         layers.append((coverage, base * (1.0 - weight) + shade_of(actor.subject.colour) * weight))
     return layers
