@@ -37,7 +37,7 @@ from torch import nn
 from memflow.config import BANK_RECORD_POLICIES, MEMORY_MODES, PRESETS, DiTConfig, StreamConfig, dit_config
 from memflow.dit import WanDiT, build_dit
 from memflow.errors import ConfigError, WeightsError
-from memflow.text import WAN_T5_FILE, WAN_TOKENIZER_DIR, TextEncoder
+from memflow.text import UMT5_PRESETS, WAN_T5_FILE, WAN_TOKENIZER_DIR, TextEncoder
 from memflow.vae import VAE_PRESETS, WAN_VAE_FILE, WanVAE, vae_config
 from memflow.weights import DOWNLOAD_HINTS, WAN_DIT_FILE, WAN_DIT_INDEX, apply_lora, load_dit
 from utils.config import (
@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TEXT_ENCODERS = ("umt5-xxl", "minilm")
+# UMT5 presets load from weights_dir (Wan or Diffusers layout); minilm is bundled with its weights.
+TEXT_ENCODERS = (*UMT5_PRESETS, "minilm")
 PROMPT_FORMATS = (".txt", ".jsonl", ".json")
 OUTPUT_SUFFIXES = (".mp4", ".json", ".memory.png", ".latents.safetensors")
 
@@ -192,7 +193,7 @@ def missing_weights(cfg: DictConfig) -> list[tuple[Path, str]]:
             hint = DOWNLOAD_HINTS["diffusers"]
             if generator_ckpt is None and not _dit_present(folder / "transformer"):
                 missing.append((folder / "transformer" / WAN_DIT_FILE, hint))
-            if cfg.text_encoder == "umt5-xxl":
+            if cfg.text_encoder != "minilm":
                 for path in (folder / "text_encoder" / "config.json", folder / "tokenizer"):
                     if not path.exists():
                         missing.append((path, hint))
@@ -203,7 +204,7 @@ def missing_weights(cfg: DictConfig) -> list[tuple[Path, str]]:
             hint = DOWNLOAD_HINTS.get(model, DOWNLOAD_HINTS["wan2.1-t2v-1.3b"])
             if generator_ckpt is None and not _dit_present(folder):
                 missing.append((folder / WAN_DIT_FILE, hint))
-            if cfg.text_encoder == "umt5-xxl":
+            if cfg.text_encoder != "minilm":
                 for path in (folder / WAN_T5_FILE, folder / WAN_TOKENIZER_DIR):
                     if not path.exists():
                         missing.append((path, hint))
@@ -357,10 +358,10 @@ def plan_run(cfg: DictConfig, *, rank: int = 0, world_size: int = 1, local_rank:
         value = get_field(cfg, key)
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigError(f"{key} must be a path or null, got {value!r}")
-    if text_encoder == "umt5-xxl" and cfg.weights_dir is None:
+    if text_encoder != "minilm" and cfg.weights_dir is None:
         raise ConfigError(
-            "text_encoder=umt5-xxl loads from weights_dir, which is null; set weights_dir=wan_models/Wan2.1-T2V-1.3B "
-            "or text_encoder=minilm (with model_overrides.text_dim=384)"
+            f"text_encoder={text_encoder} loads from weights_dir, which is null; set "
+            "weights_dir=wan_models/Wan2.1-T2V-1.3B or text_encoder=minilm (with model_overrides.text_dim=384)"
         )
     device = resolve_device(require_choice(cfg, "device", DEVICES), local_rank)
     dtype = resolve_dtype(require_choice(cfg, "dtype", list(DTYPES)), device)
@@ -435,7 +436,7 @@ class Components:
     vae: WanVAE
 
 
-def _build_dit(plan: RunPlan) -> WanDiT:
+def load_generator(plan: RunPlan) -> WanDiT:
     """``generator_ckpt`` (base.pt), else the Wan2.1 DiT of ``weights_dir``, else random; then the LoRA."""
     cfg, device, dtype = plan.config, plan.device, plan.dtype
     overrides = dict(cfg.model_overrides)
@@ -463,7 +464,7 @@ def _build_text_encoder(plan: RunPlan) -> TextEncoder:
     elif weights_layout(Path(cfg.weights_dir)) == "diffusers":
         encoder = TextEncoder.from_diffusers(Path(cfg.weights_dir), dtype=plan.dtype, **kwargs)
     else:
-        encoder = TextEncoder.from_wan(Path(cfg.weights_dir), dtype=plan.dtype, **kwargs)
+        encoder = TextEncoder.from_wan(Path(cfg.weights_dir), cfg.text_encoder, dtype=plan.dtype, **kwargs)
     if encoder.dim != plan.dit.text_dim:
         raise ConfigError(
             f"text_encoder={cfg.text_encoder} gives {encoder.dim}-dim embeddings but the DiT takes "
@@ -492,7 +493,7 @@ def _build_vae(plan: RunPlan) -> WanVAE:
 
 def build_components(plan: RunPlan) -> Components:
     """Load (or randomly initialise) the DiT, text encoder and VAE of a plan on its device."""
-    return Components(_build_dit(plan), _build_text_encoder(plan), _build_vae(plan))
+    return Components(load_generator(plan), _build_text_encoder(plan), _build_vae(plan))
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from memflow.errors import ConfigError, WeightsError
 from pipeline.inference import (
     VideoRunner,
     build_components,
+    load_generator,
     missing_weights,
     plan_run,
     plan_stems,
@@ -26,6 +27,7 @@ from pipeline.inference import (
 from utils.config import load_config, run_cli
 
 from .conftest import ROOT
+from .weights_synthetic import write_checkpoints, write_wan_folder
 
 TINY = ROOT / "configs" / "tiny" / "inference.yaml"
 TINY_INTERACTIVE = ROOT / "configs" / "tiny" / "interactive_inference.yaml"
@@ -220,6 +222,29 @@ def test_missing_weights_lists_every_file(tmp_path):
         plan_run(load_config(ROOT / "configs" / "inference.yaml", [f"weights_dir={tmp_path / 'wan'}",
                                                                    f"output_folder={tmp_path / 'out'}"]))
     assert not (tmp_path / "out").exists()
+
+
+def test_published_layout_loads_base_and_lora_merged_or_not(tmp_path):
+    """base.pt + lora.pt onto a Wan folder: merging the LoRA changes nothing but speed."""
+    wan, ckpt = tmp_path / "wan", tmp_path / "ckpt"
+    dit, _, _ = write_wan_folder(wan)
+    write_checkpoints(ckpt, dit, rank=4)
+    common = [f"weights_dir={wan}", f"generator_ckpt={ckpt / 'base.pt'}", f"lora_ckpt={ckpt / 'lora.pt'}",
+              "text_encoder=tiny", "model_overrides.text_dim=32", "adapter.rank=4", "adapter.alpha=4",
+              f"output_folder={tmp_path / 'out'}"]  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 3, 16, 4, 4, generator=g), torch.randn(1, 8, 32, generator=g)
+    t = torch.full((1,), 500.0)
+    outputs = []
+    for merge in ("true", "false"):
+        plan = plan_run(load_config(TINY, [*common, f"merge_lora={merge}"]))
+        with pytest.raises(ConfigError, match="the VAE has 4 latent channels but the DiT 16"):
+            build_components(plan)  # the golden tiny VAE has 4 channels: refused, not misdecoded
+        with torch.no_grad():
+            outputs.append(load_generator(plan)(x, t, text))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(outputs[0], dit.eval()(x, t, text), atol=1e-4)  # the LoRA was applied
 
 
 # --------------------------------------------------------------------------------------------
