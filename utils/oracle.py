@@ -70,11 +70,12 @@ def background_rows(frames: np.ndarray, bounds: list[tuple[int, int]]) -> np.nda
 
 
 def segment_background(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Background image ``[H, W, 3]`` of a segment: each pixel's median over the frames where it is not
+    """Background image ``[H, W, 3]`` of a segment: each pixel's mean over the frames where it is not
     foreground (NaN where it always is)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels stay NaN, which is the intent
-        return np.nanmedian(np.where(mask[..., None], np.nan, frames.astype(np.float32)), axis=0)
+    clear = ~mask[..., None]
+    count = clear.sum(axis=0)
+    total = (frames.astype(np.float32) * clear).sum(axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def row_profiles(*images: np.ndarray) -> list[np.ndarray]:
@@ -95,8 +96,9 @@ def foreground(frames: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def label_components(mask: np.ndarray) -> np.ndarray:
     """8-connected components of every frame at once: ``int64 [T, H, W]``, -1 off the mask, else a root index.
 
-    Min-label propagation with pointer jumping: each pass takes the smallest label in the 3x3
-    neighbourhood, then follows labels to their roots; a few passes suffice for these small shapes.
+    Every pixel starts as its own root. Each round hooks every root to the smallest root seen in the
+    3x3 neighbourhood of any of its pixels, then compresses paths so each pixel points at its root again;
+    components merge at least pairwise per round, so even a frame full of noise takes a few dozen rounds.
     """
     t, h, w = mask.shape
     none = t * h * w
@@ -108,7 +110,8 @@ def label_components(mask: np.ndarray) -> np.ndarray:
         smallest = functools.reduce(
             np.minimum, (padded[:, 1 + dy : h + 1 + dy, 1 + dx : w + 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
         ).ravel()
-        updated = np.where(flat_mask, smallest, none)
+        updated = labels.copy()
+        np.minimum.at(updated, labels[inside], smallest[inside])
         while True:
             jumped = updated[updated[inside]]
             if np.array_equal(jumped, updated[inside]):

@@ -613,7 +613,8 @@ class Narrative:
 
     ``frames`` is ``uint8 [1 + 4 (n - 1), 64, 64, 3]``; ``visible[t, i]`` says whether subject ``i``
     (an index into ``subjects``, which hold each subject's appearance when first introduced) shows at
-    least ``MIN_VISIBLE_AREA`` pixels in pixel frame ``t``.
+    least ``MIN_VISIBLE_AREA`` pixels in pixel frame ``t``. ``shots`` are the exact scenes and motions of the
+    segments, so variants of the story can be re-rendered.
     """
 
     plan: str
@@ -622,6 +623,7 @@ class Narrative:
     subjects: tuple[Subject, ...]
     frames: np.ndarray
     visible: np.ndarray
+    shots: tuple[Shot, ...]
     chunk_frames: int = CHUNK_FRAMES
     seed: int | None = None
 
@@ -924,7 +926,7 @@ class NarrativeBuilder:
             ids = [a.subject_id for a in shot.actors]
             visible[segment.pixel_start : segment.pixel_end, ids] = visibility(shot, n)
         return Narrative(plan, num_latent_frames, tuple(self.segments), tuple(self.world.subjects), frames, visible,
-                         self.chunk_frames, seed)
+                         tuple(shot for shot, _ in self.shots), self.chunk_frames, seed)
 
 
 def _check_length(num_latent_frames: int, chunk_frames: int) -> int:
