@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: venv test lint golden clean
+.PHONY: venv test lint golden demo clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,9 @@ lint: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+demo: venv
+	bash interactive_inference.sh --config_path configs/tiny/interactive_inference.yaml output_folder=outputs/demo
 
 golden: venv
 	$(BIN)/python scripts/check_golden.py

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import re
 import subprocess
 import tempfile
@@ -29,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
 from memflow.errors import MemFlowError
+from utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -290,17 +290,8 @@ def write_sidecar(path: str | Path, data: dict[str, Any], replace: bool = False)
     if not replace and path.exists():
         raise MemFlowError(f"{path} already exists; outputs are never overwritten, choose another name")
     text = json.dumps(data, indent=2, default=_jsonable, allow_nan=False, ensure_ascii=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
     return path
 
 

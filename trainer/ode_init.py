@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch.utils.data import Dataset
 from memflow.attention import block_causal_mask
 from memflow.errors import ConfigError, WeightsError
 from memflow.scheduler import FlowMatchScheduler
+from utils.atomic import atomic_path
 
 from .dmd import ScoreModel, classifier_free_guidance
 
@@ -133,16 +133,9 @@ def save_ode_shard(
     if len(prompts) != trajectory.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {trajectory.shape[0]} trajectories")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"trajectory": trajectory.contiguous().cpu(), "timesteps": timesteps.contiguous().cpu()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"prompts": json.dumps(list(prompts))})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
