@@ -326,15 +326,22 @@ class Pose:
 
 
 def _limits(r: float, lane: tuple[float, float]) -> tuple[float, float, float, float]:
-    """Allowed centre range (x_lo, x_hi, y_lo, y_hi) that keeps a subject of half extent r fully inside."""
-    return r + 1.0, SIZE - r - 1.0, max(lane[0], r + 1.0), min(lane[1], SIZE - r - 1.0)
+    """Allowed centre range (x_lo, x_hi, y_lo, y_hi) that keeps a subject of half extent r, plus a pixel of
+    margin, inside the frame and inside the rows ``lane``."""
+    return r + 1.0, SIZE - r - 1.0, lane[0] + r + 1.0, lane[1] - r - 1.0
 
 
 FULL_LANE = (0.0, float(SIZE))
 
 
+def _steps(num_frames: int) -> int:
+    """Frame-to-frame steps in a segment: its frames sample the eased path at both ends."""
+    return max(1, num_frames - 1)
+
+
 def _travel(rng: np.random.Generator, room: float, num_frames: int) -> float:
-    return float(rng.uniform(8.0, min(room, MAX_SPEED * num_frames / 1.5)))
+    """A distance the smoothstep (peak speed 1.5 x mean) covers without exceeding ``MAX_SPEED``."""
+    return float(rng.uniform(8.0, min(room, MAX_SPEED * _steps(num_frames) / 1.5)))
 
 
 def feasible_actions(pose: Pose, num_frames: int, lane: tuple[float, float] = FULL_LANE) -> list[str]:
@@ -385,8 +392,8 @@ def in_frame_motion(
     elif action == "down":
         y1 = pose.y + _travel(rng, y_hi - pose.y, num_frames)
     elif action == "bounce":
-        height = float(rng.uniform(5.0, min(14.0, pose.y - y_lo, MAX_SPEED * num_frames / np.pi)))
-        bounces = max(1, min(int(num_frames // 12), int(MAX_SPEED * num_frames / (np.pi * height))))
+        height = float(rng.uniform(5.0, min(14.0, pose.y - y_lo, MAX_SPEED * _steps(num_frames) / np.pi)))
+        bounces = max(1, min(num_frames // 12, int(MAX_SPEED * _steps(num_frames) / (np.pi * height))))
     elif action in ("grow", "shrink"):
         r1 = _neighbour_size(pose.r, 1 if action == "grow" else -1)
     elif action != "still":
@@ -403,7 +410,7 @@ def _outside(edge: str, x: float, y: float, r: float) -> tuple[float, float]:
 
 def enter_motion(rng: np.random.Generator, edge: str, r: float, num_frames: int) -> Motion:
     """Come in from just outside ``edge`` and settle fully inside within 80 % of the segment."""
-    reach = MAX_SPEED * 0.8 * num_frames / 1.5  # largest distance the eased travel may cover
+    reach = MAX_SPEED * 0.8 * _steps(num_frames) / 1.5  # largest distance the eased travel may cover
     depth = reach - r - 1.0  # how far past the edge the centre may settle
     if depth < r + 1.0:
         raise ValueError(f"{num_frames} frames are too few to enter with half extent {r}")
@@ -421,7 +428,7 @@ def leave_motion(pose: Pose, num_frames: int) -> Motion:
     edge = min(distances, key=distances.get)
     x1, y1 = _outside(edge, pose.x, pose.y, pose.r)
     travel = float(np.hypot(x1 - pose.x, y1 - pose.y))
-    span = max(0.5, 1.5 * travel / (MAX_SPEED * num_frames))
+    span = max(0.5, 1.5 * travel / (MAX_SPEED * _steps(num_frames)))
     if span > 1.0:
         raise ValueError(f"{num_frames} frames are too few to leave from {pose}")
     return Motion("leave", pose.x, pose.y, x1, y1, pose.r, pose.r, span, edge=edge)
