@@ -1,0 +1,105 @@
+"""Training entry point: ODE initialisation, stage 1 (Self-Forcing init) and stage 2 (streaming long tuning).
+
+usage: python scripts/train.py [--stage {ode_init,init,long}] [--config_path PATH] [--logdir DIR] [--resume]
+                               [key=value ...]
+
+The stage comes from --stage or the config's ``stage`` key (default config per stage:
+configs/ode_init.yaml, configs/train_init.yaml, configs/train_long.yaml). Multi-GPU:
+``torchrun --nproc_per_node 8 scripts/train.py ...`` (what ``NPROC=8 bash train_init.sh`` runs).
+A logdir holding this run's checkpoints is resumed automatically; another run's is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+from transformers.utils import logging as transformers_logging
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from memflow.errors import ConfigError  # noqa: E402
+from trainer.distill import (  # noqa: E402
+    STAGES,
+    DistillTrainer,
+    build_networks,
+    build_text_encoder,
+    plan_training,
+    run_loop,
+)
+from trainer.ode_train import ODETrainer  # noqa: E402
+from utils.config import load_config, parse_cli, run_cli  # noqa: E402
+from utils.distributed import barrier, init_distributed  # noqa: E402
+
+CONFIGS = {"ode_init": "ode_init.yaml", "init": "train_init.yaml", "long": "train_long.yaml"}
+
+
+def _stage(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Take ``--stage X`` / ``--stage=X`` out of argv."""
+    rest, stage = [], None
+    args = iter(argv)
+    for arg in args:
+        if arg == "--stage":
+            stage = next(args, None)
+            if stage is None:
+                raise ConfigError(f"--stage needs a value: one of {', '.join(STAGES)}")
+        elif arg.startswith("--stage="):
+            stage = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if stage is not None and stage not in STAGES:
+        raise ConfigError(f"--stage {stage}: choose one of {', '.join(STAGES)}")
+    return stage, rest
+
+
+def main(argv: list[str]) -> int:
+    stage, argv = _stage(argv)
+    default = ROOT / "configs" / CONFIGS[stage or "init"]
+    config_path, options, overrides = parse_cli(argv, str(default), prog="train.py")
+    if not options["logdir"]:
+        raise ConfigError("--logdir is required: the folder for this run's checkpoints, exports and samples")
+    cfg = load_config(config_path, overrides)
+    env = init_distributed()
+    logging.basicConfig(
+        level=logging.INFO if env.is_main else logging.WARNING,
+        format=f"[rank {env.rank}] %(levelname)s %(name)s: %(message)s" if env.world_size > 1
+        else "%(levelname)s %(name)s: %(message)s",
+    )  # fmt: skip
+    transformers_logging.disable_progress_bar()
+    plan = plan_training(cfg, options["logdir"], stage=stage, rank=env.rank, world_size=env.world_size,
+                         local_rank=env.local_rank)  # fmt: skip
+    logging.getLogger("train").info(
+        "stage %s: %d process(es) x batch %d x %d accumulation step(s) = %d samples per step, %d iterations, %s",
+        plan.stage, plan.world_size, plan.batch_size, plan.accumulation,
+        plan.world_size * plan.batch_size * plan.accumulation, cfg.max_iters, plan.device,
+    )  # fmt: skip
+    plan.logdir.mkdir(parents=True, exist_ok=True)
+    nets = build_networks(plan, with_scores=plan.stage != "ode_init")
+    encoder = build_text_encoder(plan)
+    if plan.stage == "ode_init":
+        trainer = ODETrainer(plan, nets, encoder)
+        written = trainer.generate_pairs()
+        logging.getLogger("train").info("ODE pairs: %d shard(s) written by this rank", written)
+    else:
+        trainer = DistillTrainer(plan, nets, encoder)
+    with tqdm(total=int(cfg.max_iters), desc=f"train {plan.stage}", unit="it", file=sys.stderr,
+              disable=not env.is_main, dynamic_ncols=True) as bar:  # fmt: skip
+
+        def progress(step: int, values: dict) -> None:
+            bar.n = step
+            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            bar.refresh()
+
+        run_loop(trainer, options["resume"], progress)
+    barrier()
+    if env.is_main:
+        export = "lora.pt" if plan.adapter is not None else "base.pt"
+        print(f"{plan.logdir / export}  (checkpoints and metrics.jsonl in {plan.logdir})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
