@@ -25,6 +25,15 @@ TINY = ROOT / "configs" / "tiny"
 PYTHON = Path(sys.executable)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny models gain nothing from more, and busy CI cores make spinning threads slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _train_main():
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
     module = importlib.util.module_from_spec(spec)
@@ -238,6 +247,7 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     _expect(tmp_path, ConfigError, "--stage long but the config is for stage init", stage="long",
             config=str(TINY / "train_init.yaml"))
     _expect(tmp_path, ConfigError, "wandb is not installed", "wandb_project=memflow")
+    _expect(tmp_path, ConfigError, "ode_steps: num_steps=6 puts no Euler step", "ode_steps=6", stage="ode_init")
     teacher = tmp_path / "teacher.safetensors"
     save_file(build_dit("tiny", text_dim=384, text_len=64, num_layers=1).state_dict(), teacher)
     _expect(tmp_path, WeightsError, "real_weights_dir: .* does not hold a tiny DiT", f"real_weights_dir={teacher}")

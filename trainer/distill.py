@@ -92,6 +92,7 @@ from utils.distributed import all_reduce_mean, barrier, shard_model
 
 from .dmd import DMDObjective, ScoreTimestepSampler
 from .ema import EMA
+from .ode_init import _record_indices
 from .rollout import (
     ChunkNoise,
     RolloutResult,
@@ -379,11 +380,17 @@ def plan_training(
         require_number(cfg, "lr_critic", minimum=0.0)
         for key in ("beta1_critic", "beta2_critic"):
             require_number(cfg, key, minimum=0.0, maximum=0.999999)
-        require_number(cfg, "guidance_scale", minimum=0.0)
         require_positive_int(cfg, "dfake_gen_update_ratio")
         require_number(cfg, "max_grad_norm_critic", minimum=0.0)
         ScoreTimestepSampler(top_shift, require_number(cfg, "min_score_timestep"),
                              require_number(cfg, "max_score_timestep"))  # fmt: skip
+    else:
+        try:
+            _record_indices(stream.denoising_step_list, require_positive_int(cfg, "ode_steps"), 1000)
+        except ConfigError as err:
+            raise ConfigError(f"ode_steps: {err}") from None
+        require_positive_int(cfg, "num_ode_pairs")
+    require_number(cfg, "guidance_scale", minimum=0.0)
     _check_common(cfg)
     prompts = read_prompt_lines(cfg, "data_path")
     if stage == "long":

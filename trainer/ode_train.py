@@ -20,7 +20,6 @@ import torch
 from memflow.scheduler import FlowMatchScheduler
 from memflow.text import TextEncoder
 from utils.checkpoint import capture_rng_state, restore_rng_state
-from utils.config import require_positive_int
 from utils.distributed import all_reduce_mean, barrier
 
 from .distill import (
@@ -61,8 +60,8 @@ class ODETrainer:
         self.plan, self.nets, self.encoder = plan, nets, encoder
         self.scheduler = FlowMatchScheduler(shift=plan.stream.timestep_shift)
         self.pairs_dir = plan.logdir / "ode_pairs"
-        self.num_pairs = require_positive_int(cfg, "num_ode_pairs")
-        self.ode_steps = require_positive_int(cfg, "ode_steps")
+        self.num_pairs = int(cfg.num_ode_pairs)
+        self.ode_steps = int(cfg.ode_steps)
         self.opt = adamw(nets.generator, cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay)
         self.ema = EMA(nets.generator, cfg.ema_weight, cfg.ema_start_step)
         self.state = TrainState(plan)
