@@ -23,7 +23,6 @@ from utils.checkpoint import capture_rng_state, restore_rng_state
 from utils.distributed import all_reduce_mean, barrier
 
 from .distill import (
-    ChunkNoise,
     Networks,
     PromptData,
     TrainPlan,
@@ -31,7 +30,6 @@ from .distill import (
     adamw,
     autocast,
     base_export,
-    derive_seed,
     load_optimizer_state,
     load_score_model,
     load_trainable_state,
@@ -42,6 +40,7 @@ from .distill import (
 )
 from .ema import EMA
 from .ode_init import ODEPairDataset, generate_ode_pairs, ode_regression_loss, save_ode_shard
+from .rollout import ChunkNoise, derive_seed
 
 log = logging.getLogger(__name__)
 
