@@ -203,37 +203,51 @@ class StreamingContext:
 
     # -- attention ---------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Place the call's keys/values in the layer's buffer and attend (``SelfAttentionContext``)."""
+        """Place the call's keys/values in the layer's buffer and attend (``SelfAttentionContext``).
+
+        Without autograd the new keys go straight into the live buffer (a denoising pass only
+        touches the slots of the frames its chunk evicts). With autograd the pass attends to a
+        copy, so the cache never becomes part of a graph; a cache-writing pass also stores
+        detached keys/values in the live buffer.
+        """
         plan = self.plan
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         keys, values = self.k[layer], self.v[layer]
-        if needs_grad:
+        if _needs_grad(q, k, v):
             keys, values = keys.clone(), values.clone()
             if plan.writes_cache:
-                self._place(self.k[layer], self.v[layer], k.detach(), v.detach(), plan)
-        self._place(keys, values, k, v, plan)
+                _place(self.k[layer], self.v[layer], k.detach(), v.detach(), plan)
+        _place(keys, values, k, v, plan)
         if plan.record:
             t = self.frame_tokens
             self.bank.record(layer, k[:, :, :t].detach(), v[:, :, :t].detach(), plan.start)
+        return self._attend_keys(plan, layer, q, keys, values, trace=self.tracing)
 
+    def checkpoint_view(self) -> _Snapshot | None:
+        """A read-only copy of the buffers and the current plan, for gradient checkpointing.
+
+        A checkpointed block runs its attention again during backward, after the live context
+        has moved on; it must see exactly what the forward saw. Passes that write the cache
+        cannot be replayed and return None (the caller then runs them without checkpointing).
+        """
+        if self.plan is None or self.plan.writes_cache:
+            return None
+        return _Snapshot(self, self.plan, self.k.clone(), self.v.clone())
+
+    def _attend_keys(
+        self, plan: CallPlan, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, trace: bool
+    ) -> torch.Tensor:
+        """Attention of ``q`` over the visible part of one layer's (filled) buffer."""
         t = self.frame_tokens
         lo = (self.bank_slots - plan.bank_len) * t
         mid = (self.bank_slots + plan.sink_len) * t
-        hi = (self.bank_slots + self.sink + plan.window_len) * t
-        if plan.window_len == 0:
-            hi = mid
+        hi = (self.bank_slots + self.sink + plan.window_len) * t if plan.window_len else mid
         if self.config.memory != "nam_sma":
             return attention(q, keys[:, :, lo:hi], values[:, :, lo:hi])
-        return self._sparse_attend(layer, q, keys, values, lo, mid, hi)
-
-    @staticmethod
-    def _place(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan) -> None:
-        for dst, src, n in plan.runs:
-            keys[:, :, dst : dst + n] = k[:, :, src : src + n]
-            values[:, :, dst : dst + n] = v[:, :, src : src + n]
+        return self._sparse_attend(layer, q, keys, values, lo, mid, hi, trace)
 
     def _sparse_attend(
-        self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lo: int, mid: int, hi: int
+        self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lo: int, mid: int, hi: int,
+        trace: bool,
     ) -> torch.Tensor:
         """SMA: each head attends to its ``top_k`` most relevant memory frames plus the window."""
         t = self.frame_tokens
@@ -244,7 +258,7 @@ class StreamingContext:
         top_k = min(self.config.top_k, frames)
         per_frame = None if self.config.reference else t
         chosen = select_memory_frames(q, memory_k, top_k, per_frame)
-        if self.tracing:
+        if trace:
             self.traces[-1].sma.append(self._memory_frame_ids(layer, chosen))
         window_k, window_v = keys[:, :, mid:hi], values[:, :, mid:hi]
         if per_frame is None:
@@ -270,6 +284,32 @@ class StreamingContext:
         shape = (batch,) + (1,) * (chosen.dim() - 2) + (ids.shape[-1],)
         ids = ids.reshape(shape).expand(*chosen.shape[:-1], -1)
         return torch.gather(ids, -1, chosen)
+
+
+class _Snapshot:
+    """What one non-writing call attends to, frozen: a checkpointed block may replay it in backward."""
+
+    def __init__(self, context: StreamingContext, plan: CallPlan, k: torch.Tensor, v: torch.Tensor):
+        self.context, self.plan, self.k, self.v = context, plan, k, v
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values = self.k[layer].clone(), self.v[layer].clone()
+        _place(keys, values, k, v, self.plan)
+        return self.context._attend_keys(self.plan, layer, q, keys, values, trace=False)
+
+    def checkpoint_view(self) -> _Snapshot:
+        return self
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _place(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan) -> None:
+    """Copy the call's new keys/values into their slots of one layer's buffer."""
+    for dst, src, n in plan.runs:
+        keys[:, :, dst : dst + n] = k[:, :, src : src + n]
+        values[:, :, dst : dst + n] = v[:, :, src : src + n]
 
 
 def _merge_runs(runs: list[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:

@@ -30,6 +30,9 @@ class SelfAttentionContext(Protocol):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q/k/v [B, H, L, D] of the new tokens (normed, rotated) -> output [B, H, L, D]."""
 
+    def checkpoint_view(self) -> SelfAttentionContext | None:
+        """A context that returns the same attention when a checkpointed block replays it, or None."""
+
 
 TextKV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -251,10 +254,15 @@ class WanDiT(nn.Module):
         e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t).to(emb_dtype)).float()
         e0 = self.time_projection(e.to(emb_dtype)).float().unflatten(-1, (6, -1))
 
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        if checkpointing and attention_context is not None:
+            replayable = attention_context.checkpoint_view()
+            checkpointing = replayable is not None
+            attention_context = replayable or attention_context
         tokens = self._patchify(x).float()
         for i, block in enumerate(self.blocks):
             args = (e0, rope, text_kv[i], i, attention_context, mask)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if checkpointing:
                 tokens = torch.utils.checkpoint.checkpoint(block, tokens, *args, use_reentrant=False)
             else:
                 tokens = block(tokens, *args)

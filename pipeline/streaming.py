@@ -17,7 +17,7 @@ import torch
 
 from memflow.config import StreamConfig
 from memflow.context import StreamingContext
-from memflow.dit import WanDiT
+from memflow.dit import TextKV, WanDiT
 from memflow.scheduler import FlowMatchScheduler
 
 NoiseFn = Callable[[int, int], torch.Tensor]
@@ -91,6 +91,7 @@ class StreamingGenerator:
 
     def set_prompt(self, prompt: torch.Tensor, *, switch: bool = False) -> None:
         """Condition the following chunks on ``prompt`` [B, T, text_dim] (no re-cache)."""
+        self.prompt = prompt
         with torch.no_grad():
             text_kv = self.dit.text_kv(prompt)
         rows = prompt.abs().sum(-1) > 0
@@ -127,7 +128,8 @@ class StreamingGenerator:
 
         ``renoise(chunk_index, step)`` supplies the fresh noise after each step (default: Gaussian
         from ``generator``). ``exit_step`` stops early (Self-Forcing); only that step runs with
-        autograd when ``requires_grad``. ``on_step(step, x0)`` sees every step's prediction.
+        autograd when ``requires_grad``, its text keys/values recomputed from the prompt so the
+        text path trains too. ``on_step(step, x0)`` sees every step's prediction.
         """
         if noise.shape[1] != self.chunk:
             raise ValueError(f"a chunk has {self.chunk} latent frames, got {noise.shape[1]}")
@@ -138,8 +140,10 @@ class StreamingGenerator:
         x = noise
         for step in range(last + 1):
             t = self.timesteps[step]
-            with torch.set_grad_enabled(requires_grad and step == last):
-                flow = self._forward(x, self.frame, t, "denoise")
+            grad = requires_grad and step == last
+            with torch.set_grad_enabled(grad):
+                text_kv = self.dit.text_kv(self.prompt) if grad else None
+                flow = self._forward(x, self.frame, t, "denoise", text_kv)
                 x0 = self.scheduler.flow_to_x0(flow, x, self._t(x, t))
             if on_step is not None:
                 on_step(step, x0)
@@ -241,13 +245,15 @@ class StreamingGenerator:
         """A scalar device timestep broadcast to [B, frames]."""
         return t.expand(x.shape[0], x.shape[1])
 
-    def _forward(self, x: torch.Tensor, start: int, t: torch.Tensor, kind: str) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, start: int, t: torch.Tensor, kind: str, text_kv: TextKV | None = None
+    ) -> torch.Tensor:
         self.context.begin(start, x.shape[1], kind)
         try:
             return self.dit(
                 x,
                 self._t(x, t),
-                text_kv=self.context.text_kv,
+                text_kv=text_kv or self.context.text_kv,
                 start_frame=start,
                 attention_context=self.context,
             )

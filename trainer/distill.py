@@ -540,13 +540,11 @@ def shard(model: WanDiT, plan: TrainPlan) -> WanDiT:
 def build_networks(plan: TrainPlan, *, with_scores: bool = True) -> Networks:
     """Generator (+ frozen teacher and trainable critic when ``with_scores``), ready to train.
 
-    Gradient checkpointing is applied to the critic only: the generator's blocks attend through
-    the streaming cache, which a recomputed block would read after later chunks overwrote it.
+    Gradient checkpointing covers the generator's rollouts too: a recomputed block attends to a
+    snapshot of the streaming cache taken at forward time (``StreamingContext.checkpoint_view``).
     """
     checkpointing = bool(plan.config.gradient_checkpointing)
-    generator = prepare_trainable(load_generator(plan), plan, 0, checkpointing=checkpointing and not with_scores)
-    if checkpointing and with_scores:
-        log.info("gradient checkpointing: critic only (generator rollouts read the streaming KV cache)")
+    generator = prepare_trainable(load_generator(plan), plan, 0, checkpointing=checkpointing)
     if not with_scores:
         return Networks(generator, None, None, plan.adapter is not None)
     teacher = shard(load_score_model(plan, "real").eval().requires_grad_(False), plan)

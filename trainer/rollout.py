@@ -254,6 +254,8 @@ class StreamingRollout:
         s = self.settings
         num_new = min(num_new, s.max_length - self.gen.frame)
         grad_frames = min(num_new, s.window) if grad else 0
+        # The generator was updated since the text cache was built: rebuild it with today's weights.
+        self.gen.set_prompt(self.switch_prompt if self.switched else self.prompt)
         new = generate_frames(self.gen, self.noise, num_new, exit_step, grad_frames,
                               PromptSwitch(self.switch_frame, self.switch_prompt))  # fmt: skip
         window = new if self.history is None else torch.cat([self.history, new], dim=1)
