@@ -123,6 +123,25 @@ class StreamingContext:
         self.origin = origin
         self.committed = origin
 
+    def state_dict(self) -> dict:
+        """The cache, the bank and the pointers, on the CPU (the text cache is rebuilt from the prompt)."""
+        state = {"k": self.k.cpu(), "v": self.v.cpu(), "origin": self.origin, "committed": self.committed,
+                 "text_scores_stale": self.text_scores_stale}  # fmt: skip
+        if self.bank is not None:
+            state["bank"] = self.bank.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of :meth:`state_dict` on a context of the same geometry."""
+        if tuple(self.k.shape) != tuple(state["k"].shape):
+            raise ValueError(f"saved cache {tuple(state['k'].shape)} does not fit this context's {tuple(self.k.shape)}")
+        self.k.copy_(state["k"])
+        self.v.copy_(state["v"])
+        self.origin, self.committed = int(state["origin"]), int(state["committed"])
+        self.text_scores_stale = bool(state["text_scores_stale"])
+        if self.bank is not None:
+            self.bank.load_state_dict(state["bank"])
+
     def set_text(self, text_kv: TextKV, text_mask: torch.Tensor | None, *, switch: bool) -> None:
         """Install a prompt's cross-attention keys/values (the text cache).
 

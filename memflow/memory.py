@@ -53,6 +53,21 @@ class MemoryBank:
         self.local_end = 0
         self.global_end = 0
 
+    _TENSORS = ("pending_k", "pending_v", "frames")
+    _SCALARS = ("pending_frame", "pending_fresh", "filled", "local_end", "global_end")
+
+    def state_dict(self) -> dict:
+        """Everything but the slot contents (those live in the context's buffers), on the CPU."""
+        state = {name: getattr(self, name).cpu() for name in self._TENSORS}
+        state.update({name: getattr(self, name) for name in self._SCALARS})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._TENSORS:
+            getattr(self, name).copy_(state[name])
+        for name in self._SCALARS:
+            setattr(self, name, state[name])
+
     # -- recording ------------------------------------------------------------------------------
     def record(self, layer: int, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
         """Keep a chunk's first latent frame (k, v [B, H, frame_tokens, D]) as the prototype."""

@@ -205,6 +205,23 @@ class StreamingGenerator:
                 on_chunk(start // self.chunk, x0)
         return out
 
+    # -- resumable state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Position, recent latents (for re-caching) and the context, on the CPU: enough to continue."""
+        return {"frame": self.frame, "recent": [x.cpu() for x in self._recent], "context": self.context.state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, prompt: torch.Tensor) -> None:
+        """Continue a saved video on a generator already ``start``-ed with the same geometry.
+
+        ``prompt`` is the active prompt; its text cache is rebuilt with the current weights.
+        """
+        self.set_prompt(prompt)
+        self.context.load_state_dict(state["context"])
+        device = self.context.k.device
+        self._recent = [x.to(device) for x in state["recent"]]
+        self.frame = int(state["frame"])
+
     # -- what memory did ---------------------------------------------------------------------------------
     def memory_trace(self, sample: int = 0) -> dict:
         """Per chunk, what its first denoising pass attended to (needs ``trace=True``).

@@ -332,3 +332,34 @@ def test_the_text_path_trains_through_a_rollout(dit):
     assert grads["blocks.0.cross_attn.k.weight"].abs().sum() > 0
     assert grads["blocks.1.cross_attn.v.weight"].abs().sum() > 0
     dit.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_saved_state_continues_a_video_bit_for_bit(dit, reference, tmp_path):
+    config = StreamConfig(memory="nam_sma", local_attn_size=6, bank_size=2, record_interval=1, top_k=2,
+                          reference=reference)
+    noise, prompts = _latents(36, seed=4), [_prompt(0), _prompt(1)]
+
+    def chunks(gen, start, end):
+        out = []
+        for s in range(start, end, CHUNK):
+            if s == 18:
+                gen.switch_prompt(prompts[1])
+            x0 = gen.denoise_chunk(noise[:, s:s + 3], generator=torch.Generator().manual_seed(s))
+            gen.commit_chunk(x0)
+            out.append(x0)
+        return out
+
+    with torch.no_grad():
+        first = StreamingGenerator(dit, config)
+        first.start(prompts[0], num_frames=36, latent_height=H, latent_width=W)
+        head = chunks(first, 0, 21)
+        torch.save(first.state_dict(), tmp_path / "state.pt")
+        second = StreamingGenerator(dit, config)
+        second.start(prompts[0], num_frames=36, latent_height=H, latent_width=W)
+        second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True), prompts[1])
+        tail = chunks(second, 21, 36)
+        again = StreamingGenerator(dit, config)
+        again.start(prompts[0], num_frames=36, latent_height=H, latent_width=W)
+        reference_run = chunks(again, 0, 36)
+    torch.testing.assert_close(torch.cat(head + tail, 1), torch.cat(reference_run, 1), atol=0, rtol=0)

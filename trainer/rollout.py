@@ -277,7 +277,7 @@ class StreamingRollout:
             "switch_frame": self.switch_frame,
             "noise_seeds": list(self.noise.seeds),
             "history": self.history.cpu(),
-            "generator": generator_state(self.gen),
+            "generator": self.gen.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -294,50 +294,7 @@ class StreamingRollout:
         self.begin(prompt, switch_prompt, int(state["switch_frame"]), noise, self.rollout_index)
         self.history = history
         active_prompt = switch_prompt if state["generator"]["frame"] > self.switch_frame else prompt
-        load_generator_state(self.gen, state["generator"], active_prompt)
+        self.gen.load_state_dict(state["generator"], active_prompt)
 
 
 # -- the generator's run state --------------------------------------------------------------------------
-_CONTEXT_SCALARS = ("origin", "committed", "text_scores_stale")
-_BANK_TENSORS = ("pending_k", "pending_v", "frames")
-_BANK_SCALARS = ("pending_frame", "pending_fresh", "filled", "local_end", "global_end")
-
-
-def generator_state(gen: StreamingGenerator) -> dict:
-    """A CPU copy of a running ``StreamingGenerator``'s cache, memory bank and position.
-
-    The text cache is not stored: it is a function of the active prompt and is rebuilt from it.
-    """
-    ctx = gen.context
-    state = {
-        "frame": gen.frame,
-        "recent": [x.cpu() for x in gen._recent],
-        "k": ctx.k.cpu(),
-        "v": ctx.v.cpu(),
-        **{name: getattr(ctx, name) for name in _CONTEXT_SCALARS},
-    }
-    if ctx.bank is not None:
-        state["bank"] = {name: getattr(ctx.bank, name).cpu() for name in _BANK_TENSORS}
-        state["bank"].update({name: getattr(ctx.bank, name) for name in _BANK_SCALARS})
-    return state
-
-
-@torch.no_grad()
-def load_generator_state(gen: StreamingGenerator, state: dict, prompt: torch.Tensor) -> None:
-    """Inverse of :func:`generator_state` on a generator already ``start``-ed with the same geometry."""
-    ctx = gen.context
-    if tuple(ctx.k.shape) != tuple(state["k"].shape):
-        raise ValueError(f"saved cache {tuple(state['k'].shape)} does not fit this generator's {tuple(ctx.k.shape)}")
-    gen.set_prompt(prompt)
-    ctx.k.copy_(state["k"])
-    ctx.v.copy_(state["v"])
-    for name in _CONTEXT_SCALARS:
-        setattr(ctx, name, state[name])
-    if ctx.bank is not None:
-        for name in _BANK_TENSORS:
-            getattr(ctx.bank, name).copy_(state["bank"][name])
-        for name in _BANK_SCALARS:
-            setattr(ctx.bank, name, state["bank"][name])
-    device = ctx.k.device
-    gen._recent = [x.to(device) for x in state["recent"]]
-    gen.frame = int(state["frame"])
