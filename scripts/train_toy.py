@@ -1,0 +1,194 @@
+"""MemFlow-Tiny stages that are not distillation: prompts, VAE, teacher, and the final packaging.
+
+usage: python scripts/train_toy.py prompts [--count N]
+       python scripts/train_toy.py vae     [--config_path configs/toy/vae.yaml] [key=value ...]
+       python scripts/train_toy.py teacher [--config_path configs/toy/teacher.yaml] [key=value ...]
+       python scripts/train_toy.py package --release DIR --stage1 DIR --stage2 DIR --out DIR --command STR
+
+``scripts/train_toy.sh`` runs them in order around the distillation stages of ``scripts/train.py``.
+Each stage writes its result atomically, so a finished stage is recognised by its output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from memflow.errors import ConfigError  # noqa: E402
+from memflow.text import TextEncoder  # noqa: E402
+from memflow.vae import WanVAE  # noqa: E402
+from memflow.weights import apply_lora, load_dit  # noqa: E402
+from trainer.teacher_train import (  # noqa: E402
+    WEIGHTS_FILE,
+    TeacherSettings,
+    TeacherTrainer,
+    build_latent_cache,
+    load_latent_cache,
+)
+from trainer.vae_train import VAESettings, VAETrainer, reconstruction_error  # noqa: E402
+from utils.atomic import atomic_path  # noqa: E402
+from utils.config import load_config, parse_cli, run_cli, to_container  # noqa: E402
+from utils.world import clip_from_seed, sample_switch_clip, split_seeds  # noqa: E402
+
+PROMPT_DIR = ROOT / "prompts" / "toy"
+# Prompt files use training seeds from this offset on, apart from the clips the VAE and teacher see first.
+PROMPT_SEED_OFFSET = 500_000
+
+
+class MetricsFile:
+    """Appends one JSON line per logged step and prints a short progress line."""
+
+    def __init__(self, path: Path, stage: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = path.open("a")
+        self.stage = stage
+        self.start = time.perf_counter()
+
+    def write(self, step: int, total: int, values: dict[str, float]) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.handle.write(json.dumps({"step": step, "elapsed_s": round(elapsed, 2), **values}) + "\n")
+        self.handle.flush()
+        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+        print(f"[{self.stage}] step {step}/{total} {shown} ({elapsed:.0f} s)", flush=True)
+
+
+def write_prompts(count: int) -> list[Path]:
+    """Training prompts: clip prompts (stage 1, ODE init) and switch pairs (stage 2), training seeds only."""
+    seeds = split_seeds("train", count, offset=PROMPT_SEED_OFFSET)
+    single = [clip_from_seed(seed, 3).text for seed in seeds]
+    pairs = [sample_switch_clip(np.random.default_rng([seed, 3]), 12).segments for seed in seeds]
+    files = {
+        "train.txt": single,
+        "switch_first.txt": [segments[0].prompt for segments in pairs],
+        "switch_second.txt": [segments[1].prompt for segments in pairs],
+    }
+    written = []
+    for name, lines in files.items():
+        with atomic_path(PROMPT_DIR / name) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+        written.append(PROMPT_DIR / name)
+    return written
+
+
+def train_vae(argv: list[str]) -> int:
+    config_path, _, overrides = parse_cli(argv, str(ROOT / "configs/toy/vae.yaml"), prog="train_toy.py vae")
+    cfg = load_config(config_path, overrides)
+    out = Path(cfg.output)
+    if (out / "config.json").is_file():
+        print(f"vae: {out} exists, stage already done")
+        return 0
+    settings = VAESettings(**to_container(cfg.settings))
+    torch.set_num_threads(int(cfg.threads))
+    trainer = VAETrainer(settings)
+    metrics = MetricsFile(Path(cfg.metrics), "vae")
+    for step in range(1, settings.steps + 1):
+        values = trainer.step()
+        if step % int(cfg.log_every) == 0 or step == settings.steps:
+            metrics.write(step, settings.steps, values)
+    mean, std = trainer.fit_normalisation()
+    trainer.save(out)
+    vae = WanVAE.from_diffusers(out)
+    error = reconstruction_error(vae, split_seeds("validation", 8), settings.source_latent_frames)
+    metrics.write(settings.steps, settings.steps, {"val_abs_error_255": error, "latent_std_mean": float(np.mean(std))})
+    print(f"vae: wrote {out} (validation reconstruction error {error:.2f}/255, latent mean {np.mean(mean):.3f})")
+    return 0
+
+
+def train_teacher(argv: list[str]) -> int:
+    config_path, _, overrides = parse_cli(argv, str(ROOT / "configs/toy/teacher.yaml"), prog="train_toy.py teacher")
+    cfg = load_config(config_path, overrides)
+    out = Path(cfg.output)
+    if (out / WEIGHTS_FILE).is_file():
+        print(f"teacher: {out / WEIGHTS_FILE} exists, stage already done")
+        return 0
+    torch.set_num_threads(int(cfg.threads))
+    overrides_dit = to_container(cfg.model_overrides)
+    cache_path = Path(cfg.cache_path)
+    if not cache_path.is_file():
+        vae_dir = Path(cfg.vae_dir)
+        if not (vae_dir / "config.json").is_file():
+            raise ConfigError(f"vae_dir={vae_dir} holds no trained VAE; run the vae stage first")
+        start = time.perf_counter()
+        encoder = TextEncoder.from_minilm(text_len=int(overrides_dit["text_len"]))
+        seeds = split_seeds("train", int(cfg.num_clips))
+        build_latent_cache(WanVAE.from_diffusers(vae_dir), encoder, seeds, int(cfg.clip_latent_frames),
+                           str(cfg.uncond_prompt), cache_path)  # fmt: skip
+        print(f"teacher: encoded {len(seeds)} clips into {cache_path} in {time.perf_counter() - start:.0f} s")
+    settings = TeacherSettings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
+    trainer = TeacherTrainer(settings, load_latent_cache(cache_path))
+    params = sum(p.numel() for p in trainer.model.parameters())
+    print(f"teacher: {params / 1e6:.2f} M parameters, {len(trainer.latents)} cached clips")
+    metrics = MetricsFile(Path(cfg.metrics), "teacher")
+    window: list[float] = []
+    for step in range(1, settings.steps + 1):
+        window.append(trainer.step())
+        if step % int(cfg.log_every) == 0 or step == settings.steps:
+            metrics.write(step, settings.steps, {"loss": float(np.mean(window))})
+            window = []
+    print(f"teacher: wrote {trainer.save(out)}")
+    return 0
+
+
+def git_commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    return result.stdout.strip() or "unknown"
+
+
+def package(argv: list[str]) -> int:
+    """Merge stage 1's generator with stage 2's LoRA and copy the release (safetensors + note) to ``--out``."""
+    parser = argparse.ArgumentParser(prog="train_toy.py package")
+    for name in ("--release", "--stage1", "--stage2", "--out", "--command", "--timings"):
+        parser.add_argument(name, required=name != "--timings")
+    args = parser.parse_args(argv)
+    release, stage1, stage2, out = Path(args.release), Path(args.stage1), Path(args.stage2), Path(args.out)
+    for path in (release / "vae" / "config.json", release / "transformer" / WEIGHTS_FILE, stage1 / "base.pt",
+                 stage2 / "lora.pt"):  # fmt: skip
+        if not path.is_file():
+            raise ConfigError(f"package: {path} is missing; run the earlier stages first")
+    cfg = load_config(ROOT / "configs/toy/train_long.yaml")
+    overrides = to_container(cfg.model_overrides)
+    generator = load_dit(stage1 / "base.pt", str(cfg.model), **overrides)
+    generator = apply_lora(generator, stage2 / "lora.pt", int(cfg.adapter.rank), float(cfg.adapter.alpha), merge=True)
+    state = {k: v.detach().float().contiguous() for k, v in generator.state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "generator.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"model": str(cfg.model), "overrides": json.dumps(overrides)})
+    for part in ("vae/config.json", f"vae/{WEIGHTS_FILE}", f"transformer/{WEIGHTS_FILE}"):
+        (out / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(release / part, out / part)
+    timings = json.loads(Path(args.timings).read_text()) if args.timings else {}
+    note = {"command": args.command, "git_commit": git_commit(), "stage_seconds": timings,
+            "files": {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()
+                      and p.name != "RELEASE.json"}}  # fmt: skip
+    with atomic_path(out / "RELEASE.json") as tmp:
+        tmp.write_text(json.dumps(note, indent=2) + "\n")
+    print(f"package: wrote {out} ({sum(note['files'].values()) / 2**20:.1f} MiB)")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("prompts", "vae", "teacher", "package"):
+        raise ConfigError("usage: train_toy.py {prompts,vae,teacher,package} [...]")
+    command, rest = argv[0], argv[1:]
+    if command == "prompts":
+        count = int(rest[1]) if rest[:1] == ["--count"] and len(rest) == 2 else 2000
+        for path in write_prompts(count):
+            print(f"prompts: wrote {path}")
+        return 0
+    return {"vae": train_vae, "teacher": train_teacher, "package": package}[command](rest)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,113 @@
+"""MemFlow-Tiny: the VAE / teacher trainers, the shipped checkpoints, the demo and the evaluation script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memflow.vae import WanVAE
+from memflow.weights import load_dit
+from pipeline.inference import VideoRunner, build_components, plan_run
+from pipeline.inference import random_vae as make_random_vae
+from trainer.teacher_train import TeacherSettings, TeacherTrainer, build_latent_cache, load_latent_cache
+from trainer.vae_train import VAESettings, VAETrainer
+from utils.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
+SHIPPED = ROOT / "checkpoints" / "memflow-tiny"
+RANDOM_WEIGHTS = ["weights_dir=null", "generator_ckpt=null"]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})  # fmt: skip
+
+
+def test_vae_trainer_steps_and_saved_model_loads(tmp_path: Path) -> None:
+    settings = VAESettings(base_dim=4, batch_size=1, lr=1e-3, steps=3, stats_clips=2)
+    trainer = VAETrainer(settings, seeds=[0, 1, 2])
+    losses = [trainer.step()["loss"] for _ in range(3)]
+    assert all(np.isfinite(losses)) and len(set(losses)) == 3
+    mean, std = trainer.fit_normalisation()
+    assert len(mean) == len(std) == 16 and min(std) > 0
+    vae = WanVAE.from_diffusers(trainer.save(tmp_path / "vae"))
+    latents = vae.encode(torch.zeros(1, 5, 3, 64, 64))
+    assert latents.shape == (1, 2, 16, 8, 8)
+    assert vae.model.config.latents_std == pytest.approx(std)
+
+
+def test_teacher_trainer_steps_and_saved_model_loads(tmp_path: Path) -> None:
+    overrides = {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 1, "text_dim": 16, "text_len": 8}
+    generator = torch.Generator().manual_seed(0)
+    cache = {"latents": torch.randn(4, 3, 16, 8, 8, generator=generator),
+             "context": torch.randn(4, 8, 16, generator=generator), "uncond": torch.zeros(1, 8, 16)}  # fmt: skip
+    trainer = TeacherTrainer(TeacherSettings(overrides=overrides, batch_size=2, warmup=1, steps=3), cache)
+    losses = [trainer.step() for _ in range(3)]
+    assert all(np.isfinite(losses)) and len(set(losses)) == 3
+    loaded = load_dit(trainer.save(tmp_path / "teacher"), "tiny", causal=False, **overrides)
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value)
+
+
+def test_latent_cache_holds_clips_and_prompts(tmp_path: Path) -> None:
+    from memflow.text import TextEncoder
+
+    vae = make_random_vae("tiny", 16, torch.device("cpu"), torch.float32, 0)
+    encoder = TextEncoder.from_minilm(text_len=8)
+    cache = load_latent_cache(build_latent_cache(vae, encoder, [3, 4], 3, "", tmp_path / "cache.safetensors"))
+    assert cache["latents"].shape == (2, 3, 16, 8, 8)
+    assert cache["context"].shape == (2, 8, 384) and cache["uncond"].shape == (1, 8, 384)
+    assert cache["seeds"].tolist() == [3, 4]
+
+
+@pytest.mark.skipif(not (SHIPPED / "generator.safetensors").is_file(),
+                    reason="checkpoints/memflow-tiny not produced yet (bash scripts/train_toy.sh)")  # fmt: skip
+def test_shipped_checkpoints_generate_a_video(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompts": ["A red square in a meadow.", "It moves to the left."]}) + "\n")
+    overrides = [f"data_path={prompts}", "num_output_frames=6", "switch_frame_indices=[3]",
+                 f"output_folder={tmp_path / 'out'}", "save_latents=true"]  # fmt: skip
+    plan = plan_run(load_config(CONFIG, overrides))
+    result = VideoRunner(plan, build_components(plan)).run(plan.jobs[0])
+    assert result.video.stat().st_size > 0 and result.trace.is_file()
+    assert result.pixel_frames == 1 + 4 * 5
+
+
+def test_demo_writes_video_trace_and_oracle_report(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = run_script("scripts/demo.py", "--frames", "27", f"output_folder={out}", *RANDOM_WEIGHTS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert any(n.endswith(".mp4") for n in names) and any(n.endswith(".memory.png") for n in names)
+    report = json.loads(next(out.glob("*.oracle.json")).read_text())
+    assert set(report["metrics"]) >= {"identity_consistency", "adherence", "duplicate_rate", "smoothness"}
+    assert report["narrative"]["seed"] == 1_000_000 and "oracle:" in proc.stdout
+
+
+def test_demo_refuses_a_training_seed_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = run_script("scripts/demo.py", "--seed", "5", f"output_folder={out}", *RANDOM_WEIGHTS)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "test seed" in proc.stderr
+    assert not out.exists()
+
+
+def test_eval_prints_json_per_mode(tmp_path: Path) -> None:
+    proc = run_script("scripts/eval_toy.py", "--narratives", "1", "--modes", "none,nam", "--frames", "27", "--json",
+                      *RANDOM_WEIGHTS)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert set(result["modes"]) == {"ground_truth", "none", "nam"}
+    assert result["modes"]["none"]["fps_vs_none"] == 1.0 and result["modes"]["nam"]["generate_fps"] > 0
+    assert result["modes"]["ground_truth"]["adherence"] > 0.9
+
+
+def test_eval_rejects_unknown_mode() -> None:
+    proc = run_script("scripts/eval_toy.py", "--modes", "none,bogus", *RANDOM_WEIGHTS)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --modes")

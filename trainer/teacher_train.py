@@ -1,0 +1,139 @@
+"""Flow-matching training of the tiny bidirectional teacher DiT on VAE latents of story-world clips.
+
+Clips are encoded once (:func:`build_latent_cache`: normalised VAE latents and MiniLM prompt embeddings
+in one safetensors file). The teacher is our Wan DiT (``build_dit(preset, causal=False, ...)``) trained
+as Wan is: timesteps drawn uniformly on the shift-5 grid, x_t = (1 - sigma) x0 + sigma noise, MSE on
+the flow ``noise - x0``. With probability ``cfg_dropout`` a sample's text is replaced by the embedding of
+``uncond_prompt`` (the distillation configs' ``negative_prompt``), so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from memflow.dit import WanDiT, build_dit
+from memflow.errors import WeightsError
+from memflow.scheduler import FlowMatchScheduler
+from memflow.text import TextEncoder
+from memflow.vae import WanVAE
+from utils.atomic import atomic_path
+from utils.world import clip_from_seed, to_model_pixels
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+@torch.no_grad()
+def build_latent_cache(
+    vae: WanVAE,
+    encoder: TextEncoder,
+    seeds: Sequence[int],
+    latent_frames: int,
+    uncond_prompt: str,
+    path: Path,
+    batch_size: int = 16,
+) -> Path:
+    """Encode the clips of ``seeds`` and their prompts once; writes ``latents``, ``context``, ``uncond``."""
+    latents, texts = [], []
+    for start in range(0, len(seeds), batch_size):
+        clips = [clip_from_seed(seed, latent_frames) for seed in seeds[start : start + batch_size]]
+        latents.append(vae.encode(torch.from_numpy(np.stack([to_model_pixels(c.frames) for c in clips]))))
+        texts += [clip.text for clip in clips]
+    context = torch.cat([encoder.encode(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+    tensors = {
+        "latents": torch.cat(latents).contiguous(),
+        "context": context.contiguous(),
+        "uncond": encoder.encode([uncond_prompt]).contiguous(),
+        "seeds": torch.tensor(list(seeds), dtype=torch.int64),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    return Path(path)
+
+
+def load_latent_cache(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors :func:`build_latent_cache` wrote."""
+    tensors = load_file(str(path))
+    missing = {"latents", "context", "uncond"} - set(tensors)
+    if missing:
+        raise WeightsError(f"{path}: not a latent cache (missing {sorted(missing)}); delete it to rebuild")
+    return tensors
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """Teacher architecture (overrides of a DiT preset) and optimisation."""
+
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup: int = 50
+    steps: int = 1000
+    cfg_dropout: float = 0.1
+    shift: float = 5.0
+    seed: int = 0
+
+
+def flow_matching_loss(
+    model: WanDiT, scheduler: FlowMatchScheduler, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """MSE between the predicted and true flow at one shifted-grid timestep per sample."""
+    index = torch.randint(0, len(scheduler.timesteps), (x0.shape[0],), generator=generator)
+    t = scheduler.timesteps[index]
+    noise = torch.randn(x0.shape, generator=generator)
+    xt = scheduler.add_noise(x0, noise, t)
+    return (model(xt, t, context) - scheduler.training_target(x0, noise)).pow(2).mean()
+
+
+class TeacherTrainer:
+    """Trains a fresh bidirectional DiT on a latent cache; ``save`` writes the Wan-named safetensors."""
+
+    def __init__(self, settings: TeacherSettings, cache: dict[str, torch.Tensor]):
+        self.settings = settings
+        torch.manual_seed(settings.seed)
+        self.model = build_dit(settings.preset, causal=False, **settings.overrides)
+        self.scheduler = FlowMatchScheduler(shift=settings.shift)
+        self.latents, self.context, self.uncond = cache["latents"], cache["context"], cache["uncond"]
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+                                           betas=(0.9, 0.99))  # fmt: skip
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.rng = np.random.default_rng(settings.seed)
+        self.step_count = 0
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random clips with their prompt embeddings, each replaced by the unconditional one w.p. cfg_dropout."""
+        index = torch.from_numpy(self.rng.integers(0, len(self.latents), self.settings.batch_size))
+        context = self.context[index].clone()
+        drop = torch.from_numpy(self.rng.random(len(index)) < self.settings.cfg_dropout)
+        context[drop] = self.uncond[0]
+        return self.latents[index], context
+
+    def step(self) -> float:
+        """One AdamW step (linear warm-up); returns the loss."""
+        self.model.train()
+        scale = min(1.0, (self.step_count + 1) / max(1, self.settings.warmup))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.lr * scale
+        x0, context = self.batch()
+        loss = flow_matching_loss(self.model, self.scheduler, x0, context, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.step_count += 1
+        return loss.item()
+
+    def save(self, folder: Path) -> Path:
+        """``folder/diffusion_pytorch_model.safetensors`` in the official Wan DiT names (``load_dit`` reads it)."""
+        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        path = Path(folder) / WEIGHTS_FILE
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp))
+        return path
