@@ -92,7 +92,7 @@ from utils.distributed import all_reduce_mean, barrier, shard_model
 
 from .dmd import DMDObjective, ScoreTimestepSampler
 from .ema import EMA
-from .ode_init import _record_indices
+from .ode_init import record_indices
 from .rollout import (
     ChunkNoise,
     RolloutResult,
@@ -386,7 +386,7 @@ def plan_training(
                              require_number(cfg, "max_score_timestep"))  # fmt: skip
     else:
         try:
-            _record_indices(stream.denoising_step_list, require_positive_int(cfg, "ode_steps"), 1000)
+            record_indices(stream.denoising_step_list, require_positive_int(cfg, "ode_steps"), 1000)
         except ConfigError as err:
             raise ConfigError(f"ode_steps: {err}") from None
         require_positive_int(cfg, "num_ode_pairs")

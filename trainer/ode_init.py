@@ -41,7 +41,7 @@ def ode_sigmas(scheduler: FlowMatchScheduler, num_steps: int) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def _record_indices(record_steps: Sequence[float], num_steps: int, num_train_timesteps: int) -> list[int]:
+def record_indices(record_steps: Sequence[float], num_steps: int, num_train_timesteps: int) -> list[int]:
     """Euler step index of each nominal record step (e.g. 1000, 750, 500, 250)."""
     indices = []
     for step in record_steps:
@@ -76,7 +76,7 @@ def generate_ode_pairs(
     """
     if num_steps < 1:
         raise ConfigError(f"num_steps={num_steps}: the ODE sampler needs at least one step")
-    indices = _record_indices(record_steps, num_steps, scheduler.num_train_timesteps)
+    indices = record_indices(record_steps, num_steps, scheduler.num_train_timesteps)
     sigmas = ode_sigmas(scheduler, num_steps)
     timesteps = (sigmas * scheduler.num_train_timesteps).float()
     x = noise.double()
