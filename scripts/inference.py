@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers.utils import logging as transformers_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from memflow.errors import ConfigError  # noqa: E402
 from pipeline.inference import ChunkReport, VideoRunner, build_components, format_bytes, plan_run  # noqa: E402
 from utils.config import load_config, parse_cli, run_cli  # noqa: E402
-from utils.distributed import barrier, init_distributed  # noqa: E402
+from utils.distributed import barrier, init_distributed, setup_logging  # noqa: E402
 
 CONFIGS = {False: ROOT / "configs" / "inference.yaml", True: ROOT / "configs" / "interactive_inference.yaml"}
 
@@ -37,12 +36,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--logdir and --resume are training options; inference writes to output_folder")
     cfg = load_config(config_path, overrides)
     env = init_distributed()
-    logging.basicConfig(
-        level=logging.INFO if env.is_main else logging.WARNING,
-        format=f"[rank {env.rank}] %(levelname)s %(name)s: %(message)s" if env.world_size > 1
-        else "%(levelname)s %(name)s: %(message)s",
-    )  # fmt: skip
-    transformers_logging.disable_progress_bar()
+    setup_logging(env)
     plan = plan_run(cfg, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank)
     logging.getLogger("inference").info(
         "%d video(s) in total, %d on this rank; %dx%d, %d latent frames, memory=%s, %s %s",

@@ -6,7 +6,8 @@ usage: python scripts/train.py [--stage {ode_init,init,long}] [--config_path PAT
 The stage comes from --stage or the config's ``stage`` key (default config per stage:
 configs/ode_init.yaml, configs/train_init.yaml, configs/train_long.yaml). Multi-GPU:
 ``torchrun --nproc_per_node 8 scripts/train.py ...`` (what ``NPROC=8 bash train_init.sh`` runs).
-A logdir holding this run's checkpoints is resumed automatically; another run's is refused.
+The logdir defaults to logs/<config file name> (logs/train_init for configs/train_init.yaml). A logdir
+holding this run's checkpoints is resumed automatically; another run's is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers.utils import logging as transformers_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,7 +32,7 @@ from trainer.distill import (  # noqa: E402
 )
 from trainer.ode_train import ODETrainer  # noqa: E402
 from utils.config import load_config, parse_cli, run_cli  # noqa: E402
-from utils.distributed import barrier, init_distributed  # noqa: E402
+from utils.distributed import barrier, init_distributed, setup_logging  # noqa: E402
 
 CONFIGS = {"ode_init": "ode_init.yaml", "init": "train_init.yaml", "long": "train_long.yaml"}
 
@@ -59,17 +59,11 @@ def main(argv: list[str]) -> int:
     stage, argv = _stage(argv)
     default = ROOT / "configs" / CONFIGS[stage or "init"]
     config_path, options, overrides = parse_cli(argv, str(default), prog="train.py")
-    if not options["logdir"]:
-        raise ConfigError("--logdir is required: the folder for this run's checkpoints, exports and samples")
+    logdir = options["logdir"] or str(ROOT / "logs" / Path(config_path).stem)
     cfg = load_config(config_path, overrides)
     env = init_distributed()
-    logging.basicConfig(
-        level=logging.INFO if env.is_main else logging.WARNING,
-        format=f"[rank {env.rank}] %(levelname)s %(name)s: %(message)s" if env.world_size > 1
-        else "%(levelname)s %(name)s: %(message)s",
-    )  # fmt: skip
-    transformers_logging.disable_progress_bar()
-    plan = plan_training(cfg, options["logdir"], stage=stage, rank=env.rank, world_size=env.world_size,
+    setup_logging(env)
+    plan = plan_training(cfg, logdir, stage=stage, rank=env.rank, world_size=env.world_size,
                          local_rank=env.local_rank)  # fmt: skip
     logging.getLogger("train").info(
         "stage %s: %d process(es) x batch %d x %d accumulation step(s) = %d samples per step, %d iterations, %s",

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
+from transformers.utils import logging as transformers_logging
 
 from memflow.dit import Block
 from memflow.errors import ConfigError
@@ -68,6 +69,14 @@ def init_distributed() -> DistributedEnv:
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
         logger.info("joined process group: rank %d of %d on %s", rank, world_size, device)
     return DistributedEnv(rank, world_size, local_rank, device)
+
+
+def setup_logging(env: DistributedEnv) -> None:
+    """INFO logs on the main rank, warnings elsewhere, rank-prefixed when there are several processes."""
+    prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"{prefix}%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    transformers_logging.disable_progress_bar()
 
 
 def is_main_process() -> bool:

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Run a Python entry point of this repository with its virtualenv (when present).
+# usage: scripts/launch.sh SCRIPT [args...]   (SCRIPT relative to the repository root)
+# NPROC=N launches N processes (one GPU each) through torchrun instead of one.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="$ROOT/.venv/bin/python"
+[ -x "$PYTHON" ] || PYTHON=python
+SCRIPT="$ROOT/$1"
+shift
+if [ "${NPROC:-1}" -gt 1 ]; then
+    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$SCRIPT" "$@"
+fi
+exec "$PYTHON" "$SCRIPT" "$@"
