@@ -41,7 +41,6 @@ class MemoryBank:
         self.pending_k = k.new_zeros(pending)
         self.pending_v = v.new_zeros(pending)
         self.frames = torch.full((layers, batch, self.size), -1, dtype=torch.long, device=k.device)
-        self.pending_frame = -1
         self.reset()
 
     def reset(self) -> None:
