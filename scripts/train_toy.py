@@ -92,16 +92,19 @@ def train_vae(argv: list[str]) -> int:
     settings = VAESettings(**to_container(cfg.settings))
     torch.set_num_threads(int(cfg.threads))
     trainer = VAETrainer(settings)
+    if cfg.init_from is not None:
+        trainer.load_weights(Path(cfg.init_from))
     metrics = MetricsFile(Path(cfg.metrics), "vae")
-    for step in range(1, settings.steps + 1):
+    total = trainer.total_steps
+    for step in range(1, total + 1):
         values = trainer.step()
-        if step % int(cfg.log_every) == 0 or step == settings.steps:
-            metrics.write(step, settings.steps, values)
+        if step % int(cfg.log_every) == 0 or step == total:
+            metrics.write(step, total, values)
     mean, std = trainer.fit_normalisation()
     trainer.save(out)
     vae = WanVAE.from_diffusers(out)
     error = reconstruction_error(vae, split_seeds("validation", 8), settings.source_latent_frames)
-    metrics.write(settings.steps, settings.steps, {"val_abs_error_255": error, "latent_std_mean": float(np.mean(std))})
+    metrics.write(total, total, {"val_abs_error_255": error, "latent_std_mean": float(np.mean(std))})
     print(f"vae: wrote {out} (validation reconstruction error {error:.2f}/255, latent mean {np.mean(mean):.3f})")
     return 0
 

@@ -31,8 +31,9 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_vae_trainer_steps_and_saved_model_loads(tmp_path: Path) -> None:
-    settings = VAESettings(base_dim=4, batch_size=1, lr=1e-3, steps=3, stats_clips=2)
+    settings = VAESettings(base_dim=4, phases=((2, 2, 1), (3, 1, 1)), lr=1e-3, stats_clips=2)
     trainer = VAETrainer(settings, seeds=[0, 1, 2])
+    assert trainer.total_steps == 3
     losses = [trainer.step()["loss"] for _ in range(3)]
     assert all(np.isfinite(losses)) and len(set(losses)) == 3
     mean, std = trainer.fit_normalisation()

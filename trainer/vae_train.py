@@ -18,6 +18,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
 
+from memflow.errors import ConfigError
 from memflow.vae import WanVAE, vae_config
 from utils.atomic import atomic_path
 from utils.world import clip_from_seed, split_seeds, to_model_pixels
@@ -27,19 +28,31 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 @dataclass(frozen=True)
 class VAESettings:
-    """Architecture and optimisation of the tiny VAE."""
+    """Architecture and optimisation of the tiny VAE.
+
+    Training is a curriculum of ``phases``, each ``(latent_frames, steps, batch_size)``: short windows
+    first (the first, uncached frame and one 4-frame group), then longer ones, whose later groups run
+    through the causal temporal cache as every group of a long video does.
+    """
 
     base_dim: int = 8
     z_dim: int = 16
     num_res_blocks: int = 1
-    latent_frames: int = 2
+    phases: tuple[tuple[int, int, int], ...] = ((2, 1000, 4), (3, 400, 4), (6, 150, 2))
     source_latent_frames: int = 9
-    batch_size: int = 4
     lr: float = 1e-3
     kl_weight: float = 1e-6
-    steps: int = 150
     stats_clips: int = 32
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phases", tuple(tuple(int(v) for v in phase) for phase in self.phases))
+        for frames, steps, batch in self.phases:
+            if not 1 < frames <= self.source_latent_frames or steps < 0 or batch < 1:
+                raise ConfigError(
+                    f"vae phase {[frames, steps, batch]}: want [latent_frames in 2..{self.source_latent_frames}, "
+                    "steps >= 0, batch_size >= 1]"
+                )
 
     def model_config(self) -> dict:
         """``AutoencoderKLWan`` arguments: the tiny preset's strides with our widths (neutral stats)."""
@@ -89,14 +102,31 @@ class VAETrainer:
         self.model = AutoencoderKLWan(**settings.model_config())
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=0.0)
         self.seeds = list(seeds if seeds is not None else split_seeds("train", 100_000))
-        self.batches = clip_batches(
-            self.seeds, settings.batch_size, settings.latent_frames, settings.source_latent_frames
-        )
+        self.phase_batches = [
+            (steps, clip_batches(self.seeds, batch, frames, settings.source_latent_frames))
+            for frames, steps, batch in settings.phases
+        ]
+        self.step_count = 0
+
+    @property
+    def total_steps(self) -> int:
+        return sum(steps for _, steps, _ in self.settings.phases)
+
+    def load_weights(self, folder: Path) -> None:
+        """Start from a saved VAE of the same architecture (``folder`` in the Diffusers ``vae/`` layout)."""
+        self.model.load_state_dict(WanVAE.from_diffusers(folder).model.state_dict())
 
     def step(self) -> dict[str, float]:
         """One optimisation step on the next batch; returns its losses."""
         self.model.train()
-        loss, values = vae_loss(self.model, next(self.batches), self.settings.kl_weight)
+        done, batches = 0, self.phase_batches[-1][1]
+        for steps, phase in self.phase_batches:
+            if self.step_count < done + steps:
+                batches = phase
+                break
+            done += steps
+        self.step_count += 1
+        loss, values = vae_loss(self.model, next(batches), self.settings.kl_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -108,7 +138,7 @@ class VAETrainer:
         self.model.eval()
         count = self.settings.stats_clips
         batches = clip_batches(
-            self.seeds[-count:], count, self.settings.latent_frames, self.settings.source_latent_frames
+            self.seeds[-count:], count, self.settings.phases[0][0], self.settings.source_latent_frames
         )
         mu = self.model.encode(next(batches)).latent_dist.mode()
         mean = mu.mean(dim=(0, 2, 3, 4))
