@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: venv test lint golden demo clean
+.PHONY: venv test lint golden demo train-toy eval-toy clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +24,13 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 demo: venv
-	bash interactive_inference.sh --config_path configs/tiny/interactive_inference.yaml output_folder=outputs/demo
+	$(BIN)/python scripts/demo.py
+
+train-toy: venv
+	bash scripts/train_toy.sh
+
+eval-toy: venv
+	$(BIN)/python scripts/eval_toy.py --narratives 50 --roundtrip
 
 golden: venv
 	$(BIN)/python scripts/check_golden.py

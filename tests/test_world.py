@@ -214,3 +214,9 @@ def test_model_pixel_layout_round_trips():
 def test_sizes_are_distinct_classes():
     radii = sorted(SIZES.values())
     assert all(b / a >= 1.3 for a, b in itertools.pairwise(radii))
+
+
+def test_short_clips_only_draw_feasible_actions():
+    """A bounce needs time to reach its lowest height at the speed limit; 2-latent-frame clips must not draw one."""
+    for seed in range(80):
+        world.sample_clip(np.random.default_rng(seed), 2)

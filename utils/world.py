@@ -31,6 +31,7 @@ FPS = 16
 CHUNK_FRAMES = 3
 MIN_VISIBLE_AREA = 20  # pixels of coverage >= 0.5 for a subject to count as visible in a frame
 MAX_SPEED = 3.0  # pixels per frame, the fastest any subject moves
+MIN_BOUNCE = 5.0  # px: the lowest bounce that reads as one
 MEMORY_GAP = 12  # latent frames a subject or scene must be absent to leave the local window
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -352,7 +353,7 @@ def feasible_actions(pose: Pose, num_frames: int, lane: tuple[float, float] = FU
     if lane == FULL_LANE:
         rooms |= {"up": pose.y - y_lo, "down": y_hi - pose.y}
     actions = ["still", *(name for name, room in rooms.items() if room >= 8.0)]
-    if lane == FULL_LANE and pose.y - y_lo >= 5.0:
+    if lane == FULL_LANE and min(pose.y - y_lo, MAX_SPEED * _steps(num_frames) / np.pi) >= MIN_BOUNCE:
         actions.append("bounce")
     for action, step in (("grow", 1), ("shrink", -1)):
         target = _neighbour_size(pose.r, step)
@@ -389,7 +390,7 @@ def in_frame_motion(
     elif action == "down":
         y1 = pose.y + _travel(rng, y_hi - pose.y, num_frames)
     elif action == "bounce":
-        height = float(rng.uniform(5.0, min(14.0, pose.y - y_lo, MAX_SPEED * _steps(num_frames) / np.pi)))
+        height = float(rng.uniform(MIN_BOUNCE, min(14.0, pose.y - y_lo, MAX_SPEED * _steps(num_frames) / np.pi)))
         bounces = max(1, min(num_frames // 12, int(MAX_SPEED * _steps(num_frames) / (np.pi * height))))
     elif action in ("grow", "shrink"):
         r1 = _neighbour_size(pose.r, 1 if action == "grow" else -1)
