@@ -251,16 +251,22 @@ def test_state_is_reset_between_runs(dit):
     torch.testing.assert_close(second, fresh, atol=0, rtol=0)
 
 
-def test_gradient_path_matches_inference_path_and_leaves_cache_alone(dit):
-    """A denoising step with autograd reads the cache without writing it, and gives the same x0."""
-    config = StreamConfig(memory="nam_sma", local_attn_size=6, bank_size=2, record_interval=1, top_k=3,
-                          reference=False)
+def _three_chunks_in(dit, config):
+    """A generator with three committed chunks of a 12-frame video, and that video's noise."""
     gen = StreamingGenerator(dit, config)
     noise = _latents(12)
     gen.start(_prompt(0), num_frames=12, latent_height=H, latent_width=W)
     for start in range(0, 9, CHUNK):
         with torch.no_grad():
             gen.commit_chunk(gen.denoise_chunk(noise[:, start:start + 3], generator=torch.Generator().manual_seed(0)))
+    return gen, noise
+
+
+def test_gradient_path_matches_inference_path_and_leaves_cache_alone(dit):
+    """A denoising step with autograd reads the cache without writing it, and gives the same x0."""
+    config = StreamConfig(memory="nam_sma", local_attn_size=6, bank_size=2, record_interval=1, top_k=3,
+                          reference=False)
+    gen, noise = _three_chunks_in(dit, config)
     cache = slice(gen.context.bank_slots * TOKENS, None)
     before = gen.context.k[:, :, :, cache].clone()
     trained = gen.denoise_chunk(noise[:, 9:], exit_step=0, requires_grad=True)
@@ -300,12 +306,7 @@ def _grad_step(dit, config, checkpointing):
     """Gradients of one autograd denoising step after three committed chunks."""
     dit.zero_grad(set_to_none=True)
     dit.gradient_checkpointing = checkpointing
-    gen = StreamingGenerator(dit, config)
-    noise = _latents(12)
-    gen.start(_prompt(0), num_frames=12, latent_height=H, latent_width=W)
-    for start in range(0, 9, CHUNK):
-        with torch.no_grad():
-            gen.commit_chunk(gen.denoise_chunk(noise[:, start:start + 3], generator=torch.Generator().manual_seed(0)))
+    gen, noise = _three_chunks_in(dit, config)
     x0 = gen.denoise_chunk(noise[:, 9:], generator=torch.Generator().manual_seed(1), exit_step=1, requires_grad=True)
     x0.square().mean().backward()
     dit.gradient_checkpointing = False
