@@ -27,3 +27,12 @@ def golden_dir() -> Path:
 @pytest.fixture
 def manifests_dir() -> Path:
     return require(MANIFESTS)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and busy CI cores make spinning threads slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

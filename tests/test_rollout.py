@@ -22,13 +22,7 @@ CHUNK = 3
 CONFIG = StreamConfig(local_attn_size=6, sink_size=3, bank_size=2, record_interval=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from more, and busy CI cores make spinning threads slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

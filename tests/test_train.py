@@ -25,13 +25,7 @@ TINY = ROOT / "configs" / "tiny"
 PYTHON = Path(sys.executable)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny models gain nothing from more, and busy CI cores make spinning threads slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_main():
