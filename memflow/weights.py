@@ -343,11 +343,15 @@ def attach_lora(model: WanDiT, rank: int, alpha: float, dropout: float = 0.0) ->
 
 
 def read_lora_state_dict(source: Path | Mapping, entry: str = "generator_lora") -> dict[str, torch.Tensor]:
-    """LoRA tensors in peft's saved names (``base_model.model.blocks.N...lora_A.weight``)."""
+    """LoRA tensors in peft's saved names (``base_model.model.blocks.N...lora_A.weight``).
+
+    ``source`` is a training checkpoint (``.pt``/``.pth``, ``entry`` picks the network), a bare
+    state dict in a ``.safetensors`` file (peft's ``adapter_model.safetensors`` too), or a mapping.
+    """
     path = Path("<in-memory LoRA>") if isinstance(source, Mapping) else Path(source)
     if not isinstance(source, Mapping):
         require_file(path, "LoRA checkpoint", DOWNLOAD_HINTS["memflow"])
-        source = read_torch_file(path)
+        source = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
     state = select_entry(source, entry, path, LORA_ENTRIES)
     out = {}
     for key, value in state.items():

@@ -222,6 +222,16 @@ def test_lora_weights_land_exactly_and_bare_dicts_work(tiny):
     assert torch.equal(a, lora["base_model.model.blocks.1.ffn.2.lora_A.weight"])
 
 
+def test_lora_from_safetensors_equals_lora_from_pt(tmp_path, tiny, inputs):
+    lora = lora_state(tiny, rank=4)
+    torch.save({"generator_lora": lora}, tmp_path / "lora.pt")
+    save_file({k: v.contiguous() for k, v in lora.items()}, str(tmp_path / "adapter_model.safetensors"))
+    from_pt = apply_lora(copy.deepcopy(tiny), tmp_path / "lora.pt", rank=4, alpha=8, merge=True)
+    from_st = apply_lora(copy.deepcopy(tiny), tmp_path / "adapter_model.safetensors", rank=4, alpha=8, merge=True)
+    assert same_output(from_st, from_pt, inputs, atol=0.0)
+    assert not same_output(from_st, tiny, inputs, atol=1e-3)
+
+
 def test_lora_rank_mismatch_is_reported(tiny):
     with pytest.raises(WeightsError, match=r"file rank \[4\], configured rank 8"):
         apply_lora(copy.deepcopy(tiny), lora_state(tiny, rank=4), rank=8, alpha=8)
