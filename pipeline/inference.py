@@ -566,11 +566,12 @@ class VideoRunner:
         return time.perf_counter()
 
     def run(self, job: VideoJob, on_chunk: Callable[[ChunkReport], None] | None = None) -> VideoResult:
-        """Generate one video; writes ``<stem>.mp4`` chunk by chunk, then the sidecar and trace."""
+        """Generate one video; writes ``<stem>.mp4`` and its sidecar chunk by chunk, then the trace."""
         plan, gen = self.plan, self.generator
         conditioning = ChunkConditioning(job.schedule, self._encode)
         stem = unique_stem(plan.output_folder, job.stem, OUTPUT_SUFFIXES)
         video_path = plan.output_folder / f"{stem}.mp4"
+        sidecar_path = plan.output_folder / f"{stem}.json"
         noise_gen = torch.Generator(device=plan.device).manual_seed(job.seed)
         shape = (1, gen.chunk, plan.dit.in_dim, plan.latent_height, plan.latent_width)
         decoder = self.components.vae.streaming_decoder()
@@ -605,6 +606,9 @@ class VideoRunner:
                 report = ChunkReport(cond.chunk, len(conditioning), pixels.shape[0], writer.frames_written,
                                      t1 - t0, t2 - t1, t3 - t2, t3 - start)  # fmt: skip
                 reports.append(report)
+                progress = VideoResult(job, video_path, sidecar_path, None, None, writer.frames_written,
+                                       t3 - start, peak_memory(plan.device), reports)  # fmt: skip
+                write_sidecar(sidecar_path, self._sidecar(progress, None, complete=False), replace=cond.chunk > 0)
                 if on_chunk is not None:
                     on_chunk(report)
         seconds = time.perf_counter() - start
@@ -618,15 +622,17 @@ class VideoRunner:
         if trace is not None:
             trace_path = plan.output_folder / f"{stem}.memory.png"
             render_memory_trace(trace, trace_path)
-        result = VideoResult(job, video_path, plan.output_folder / f"{stem}.json", trace_path, latents_path,
+        result = VideoResult(job, video_path, sidecar_path, trace_path, latents_path,
                              reports[-1].total_pixel_frames, seconds, memory, reports)  # fmt: skip
-        write_sidecar(result.sidecar, self._sidecar(result, trace))
+        write_sidecar(result.sidecar, self._sidecar(result, trace, complete=True), replace=True)
         return result
 
-    def _sidecar(self, result: VideoResult, trace: dict | None) -> dict[str, Any]:
+    def _sidecar(self, result: VideoResult, trace: dict | None, complete: bool) -> dict[str, Any]:
+        """The sidecar, rewritten after every chunk (``complete: false``, no trace) so a killed run keeps one."""
         plan, job = self.plan, result.job
         return {
             "video": result.video.name,
+            "complete": complete,
             "config": to_container(plan.config),
             "seed": plan.config.seed,
             "video_seed": job.seed,

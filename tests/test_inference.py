@@ -127,6 +127,23 @@ def _run(cfg, job=0, spy=None):
     return plan, runner.run(plan.jobs[job])
 
 
+def test_sidecar_is_kept_current_while_the_video_is_written(tmp_path):
+    cfg = load_config(TINY, [f"output_folder={tmp_path}", "num_output_frames=9"])
+    plan = plan_run(cfg)
+    runner = VideoRunner(plan, build_components(plan))
+    seen = []
+
+    def read_sidecar(report):
+        (path,) = tmp_path.glob("*.json")
+        sidecar = json.loads(path.read_text())
+        seen.append((sidecar["complete"], len(sidecar["timings"]["chunks"]), sidecar["pixel_frames"]))
+
+    result = runner.run(plan.jobs[0], on_chunk=read_sidecar)
+    assert seen == [(False, 1, 9), (False, 2, 21), (False, 3, 33)]
+    final = json.loads(result.sidecar.read_text())
+    assert final["complete"] and final["pixel_frames"] == 33 and final["memory_trace"] is not None
+
+
 def test_same_seed_same_latents_and_video(tmp_path):
     results = []
     for name in ("a", "b"):
