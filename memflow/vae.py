@@ -120,8 +120,9 @@ def meta_vae(config: dict) -> AutoencoderKLWan:
         return AutoencoderKLWan(**config)
 
 
-def _conv_count(module: torch.nn.Module) -> int:
-    return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
+def conv_cache(module: torch.nn.Module) -> list:
+    """An empty causal feature cache for an ``AutoencoderKLWan`` encoder or decoder (one slot per causal conv)."""
+    return [None] * sum(isinstance(m, WanCausalConv3d) for m in module.modules())
 
 
 class StreamingDecoder:
@@ -136,7 +137,7 @@ class StreamingDecoder:
         self.reset()
 
     def reset(self) -> None:
-        self._cache: list = [None] * _conv_count(self.vae.model.decoder)
+        self._cache = conv_cache(self.vae.model.decoder)
         self._first = True
 
     @torch.no_grad()

@@ -95,17 +95,24 @@ def train_vae(argv: list[str]) -> int:
     if cfg.init_from is not None:
         trainer.load_weights(Path(cfg.init_from))
     metrics = MetricsFile(Path(cfg.metrics), "vae")
-    total = trainer.total_steps
+    total = settings.steps
+    window: list[dict[str, float]] = []
     for step in range(1, total + 1):
-        values = trainer.step()
+        window.append(trainer.step())
         if step % int(cfg.log_every) == 0 or step == total:
-            metrics.write(step, total, values)
-    mean, std = trainer.fit_normalisation()
+            metrics.write(step, total, {k: float(np.mean([v[k] for v in window])) for k in window[0]})
+            window = []
+    _, std = trainer.fit_normalisation()
     trainer.save(out)
     vae = WanVAE.from_diffusers(out)
-    error = reconstruction_error(vae, split_seeds("validation", 8), settings.source_latent_frames)
-    metrics.write(total, total, {"val_abs_error_255": error, "latent_std_mean": float(np.mean(std))})
-    print(f"vae: wrote {out} (validation reconstruction error {error:.2f}/255, latent mean {np.mean(mean):.3f})")
+    frames = int(cfg.validation_latent_frames)
+    errors = reconstruction_error(vae, split_seeds("validation", 8), frames)
+    half = len(errors) // 2
+    summary = {"val_abs_error_255": float(np.mean(errors)), "val_first_half": float(np.mean(errors[:half])),
+               "val_second_half": float(np.mean(errors[half:])), "latent_std_mean": float(np.mean(std))}  # fmt: skip
+    metrics.write(total, total, summary)
+    print(f"vae: wrote {out} (validation error over {frames} latent frames {summary['val_abs_error_255']:.2f}/255: "
+          f"first half {summary['val_first_half']:.2f}, second half {summary['val_second_half']:.2f})")  # fmt: skip
     return 0
 
 

@@ -6,17 +6,20 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from memflow.vae import WanVAE
 from memflow.weights import load_dit
 from pipeline.inference import VideoRunner, build_components, plan_run
 from pipeline.inference import random_vae as make_random_vae
 from trainer.teacher_train import TeacherSettings, TeacherTrainer, build_latent_cache, load_latent_cache
-from trainer.vae_train import VAESettings, VAETrainer
+from trainer.vae_train import VAESettings, VAETrainer, clip_video, foreground_weights, streaming_loss
 from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,17 +34,48 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_vae_trainer_steps_and_saved_model_loads(tmp_path: Path) -> None:
-    settings = VAESettings(base_dim=4, phases=((2, 2, 1), (3, 1, 1)), lr=1e-3, stats_clips=2)
+    settings = VAESettings(base_dim=4, phases=((1, 1, 2, 0), (2, 1, 1, 2)), lr=1e-3, stats_clips=2)
     trainer = VAETrainer(settings, seeds=[0, 1, 2])
-    assert trainer.total_steps == 3
-    losses = [trainer.step()["loss"] for _ in range(3)]
+    values = [trainer.step() for _ in range(3)]
+    losses = [v["loss"] for v in values]
     assert all(np.isfinite(losses)) and len(set(losses)) == 3
+    assert values[0]["warmup"] == 0 and {v["warmup"] for v in values[1:]} <= {0, 1, 2}
     mean, std = trainer.fit_normalisation()
     assert len(mean) == len(std) == 16 and min(std) > 0
     vae = WanVAE.from_diffusers(trainer.save(tmp_path / "vae"))
     latents = vae.encode(torch.zeros(1, 5, 3, 64, 64))
     assert latents.shape == (1, 2, 16, 8, 8)
     assert vae.model.config.latents_std == pytest.approx(std)
+
+
+def test_streaming_loss_sees_the_cache_of_a_whole_clip_decode() -> None:
+    """Warm-up then window, chunk by chunk, reconstructs exactly what a whole-clip encode -> decode gives."""
+    settings = VAESettings(base_dim=4, phases=((1, 1, 2, 2),), kl_weight=0.0, foreground_weight=0.0)
+    model = AutoencoderKLWan(**settings.model_config()).eval()
+    video = clip_video([5], 4)
+    whole = model.decode(model.encode(video).latent_dist.mode()).sample
+    recon = {}
+
+    def keep(module, args, output):
+        recon.setdefault("frames", []).append(output)
+
+    handle = model.decoder.register_forward_hook(keep)
+    torch.manual_seed(0)
+    with torch.no_grad(), patch.object(DiagonalGaussianDistribution, "sample", DiagonalGaussianDistribution.mode):
+        loss, _ = streaming_loss(model, video, warmup=2, settings=settings)
+    handle.remove()
+    window = torch.cat(recon["frames"][-2:], dim=2)
+    torch.testing.assert_close(window.clamp(-1, 1), whole[:, :, 5:], rtol=0, atol=1e-5)  # decode() clamps
+    expected = (window - video[:, :, 5:]).abs().mean() + (window - video[:, :, 5:]).pow(2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_foreground_weights_mark_subjects_only() -> None:
+    video = clip_video([5], 2)
+    weights = foreground_weights(video, 4.0)
+    assert set(weights.unique().tolist()) == {1.0, 5.0}
+    assert 0.0 < (weights == 5.0).float().mean() < 0.3
+    assert foreground_weights(video, 0.0) == 1.0
 
 
 def test_teacher_trainer_steps_and_saved_model_loads(tmp_path: Path) -> None:

@@ -1,58 +1,108 @@
 """Training of the tiny Wan-architecture VAE (diffusers ``AutoencoderKLWan``) on story-world clips.
 
 The model keeps Wan2.1's strides (4x in time, 8x in space: 64x64 pixels -> 8x8 latents, ``1 + 4 (n - 1)``
-pixel frames per ``n`` latent frames) with small widths. Loss: L1 + MSE reconstruction of a posterior
-sample plus a small KL term. Afterwards the per-channel latent mean / std are fitted on training clips
-and stored in the model config, so :class:`memflow.vae.WanVAE` normalises latents as it does for Wan2.1.
+pixel frames per ``n`` latent frames) with small widths.
+
+Wan's VAE is causal: every temporal convolution reads the last frames of the previous chunk from a
+feature cache, so a chunk deep inside a long video sees a cache state that a short training clip never
+produces, and a VAE trained on short clips alone drifts after as many latent frames as its clips hold.
+Each step therefore runs the encoder and decoder chunk by chunk (one latent frame at a time, exactly as
+whole-video encode and decode do) over a random number of ``warmup`` latent frames without gradients,
+then trains on the next ``window`` latent frames with the caches the warm-up left: truncated
+backpropagation through time, at the cost of a forward pass over the warm-up.
+
+Loss: L1 + MSE of a posterior sample's reconstruction, each pixel weighted by ``1 + foreground_weight``
+where it stands out from its row's background (subjects are a few percent of the pixels but all of
+what the story is about), plus a small KL term. Afterwards the per-channel latent mean / std are fitted on
+training clips and stored in the model config, so :class:`memflow.vae.WanVAE` normalises latents as it
+does for Wan2.1.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import save_file
 
 from memflow.errors import ConfigError
-from memflow.vae import WanVAE, vae_config
+from memflow.vae import WanVAE, conv_cache, vae_config
 from utils.atomic import atomic_path
 from utils.world import clip_from_seed, split_seeds, to_model_pixels
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+MIN_CLIP_LATENT_FRAMES = 2
+FOREGROUND_DISTANCE = 40.0 / 127.5  # RGB distance from the row's median (in [-1, 1] units) that marks a subject
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training: ``steps`` of ``batch_size`` clips, warm-up drawn from ``0..max_warmup``."""
+
+    steps: int
+    batch_size: int
+    window: int
+    max_warmup: int
+
+    def __post_init__(self) -> None:
+        minimum = {"steps": 0, "batch_size": 1, "window": 1, "max_warmup": 0}
+        for name, low in minimum.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"vae phase {list(vars(self).values())}: {name} must be >= {low} "
+                                  "(phases are [steps, batch_size, window, max_warmup])")  # fmt: skip
+        if self.window + self.max_warmup < MIN_CLIP_LATENT_FRAMES:
+            raise ConfigError(f"vae phase {list(vars(self).values())}: window + max_warmup must be >= "
+                              f"{MIN_CLIP_LATENT_FRAMES} latent frames (the world's shortest clip)")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class VAESettings:
-    """Architecture and optimisation of the tiny VAE.
+    """Architecture and optimisation of the tiny VAE (see the module docstring for warm-up and window).
 
-    Training is a curriculum of ``phases``, each ``(latent_frames, steps, batch_size)``: short windows
-    first (the first, uncached frame and one 4-frame group), then longer ones, whose later groups run
-    through the causal temporal cache as every group of a long video does.
+    ``phases`` run in order: typically short clips without warm-up first (cheap steps that learn the
+    spatial code), then windows behind a warm-up (the causal caches of long videos).
     """
 
-    base_dim: int = 8
+    base_dim: int = 16
     z_dim: int = 16
     num_res_blocks: int = 1
-    phases: tuple[tuple[int, int, int], ...] = ((2, 1000, 4), (3, 400, 4), (6, 150, 2))
-    source_latent_frames: int = 9
+    phases: tuple[Phase, ...] = (Phase(500, 4, 2, 0), Phase(500, 2, 2, 6))
+    foreground_weight: float = 2.0
     lr: float = 1e-3
     kl_weight: float = 1e-6
     stats_clips: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "phases", tuple(tuple(int(v) for v in phase) for phase in self.phases))
-        for frames, steps, batch in self.phases:
-            if not 1 < frames <= self.source_latent_frames or steps < 0 or batch < 1:
-                raise ConfigError(
-                    f"vae phase {[frames, steps, batch]}: want [latent_frames in 2..{self.source_latent_frames}, "
-                    "steps >= 0, batch_size >= 1]"
-                )
+        phases = tuple(p if isinstance(p, Phase) else Phase(*(int(v) for v in p)) for p in self.phases)
+        object.__setattr__(self, "phases", phases)
+        if not phases:
+            raise ConfigError("vae settings.phases is empty; give at least one [steps, batch_size, window, max_warmup]")
+        if self.foreground_weight < 0:
+            raise ConfigError(f"vae settings.foreground_weight={self.foreground_weight}: must be >= 0")
+
+    @property
+    def steps(self) -> int:
+        return sum(phase.steps for phase in self.phases)
+
+    @property
+    def clip_latent_frames(self) -> int:
+        """Latent frames of the longest training clip: the longest warm-up plus its window."""
+        return max(phase.max_warmup + phase.window for phase in self.phases)
+
+    def phase_at(self, step: int) -> Phase:
+        """The phase that step ``step`` (counted from 0) belongs to."""
+        for phase in self.phases:
+            if step < phase.steps:
+                return phase
+            step -= phase.steps
+        return self.phases[-1]
 
     def model_config(self) -> dict:
         """``AutoencoderKLWan`` arguments: the tiny preset's strides with our widths (neutral stats)."""
@@ -62,35 +112,59 @@ class VAESettings:
         )  # fmt: skip
 
 
-def clip_window(seed: int, latent_frames: int, source_latent_frames: int) -> np.ndarray:
-    """``1 + 4 (latent_frames - 1)`` consecutive frames of a training clip, at a seeded offset, as [T, 3, H, W]."""
-    frames = clip_from_seed(seed, source_latent_frames).frames
-    length = 1 + 4 * (latent_frames - 1)
-    start = int(np.random.default_rng([seed, 7]).integers(0, frames.shape[0] - length + 1))
-    return to_model_pixels(frames[start : start + length])
+def latent_chunks(video: torch.Tensor) -> list[torch.Tensor]:
+    """``[B, 3, 1 + 4k, H, W]`` -> the pixel chunks of its latent frames: the first frame, then groups of 4."""
+    return [video[:, :, :1]] + [video[:, :, 1 + 4 * i : 5 + 4 * i] for i in range((video.shape[2] - 1) // 4)]
 
 
-def clip_batches(
-    seeds: Sequence[int], batch_size: int, latent_frames: int, source_latent_frames: int
-) -> Iterator[torch.Tensor]:
-    """Endless batches of clip windows as VAE input ``[B, 3, T, 64, 64]`` in ``[-1, 1]``, cycling over ``seeds``."""
-    position = 0
-    while True:
-        chunk = [seeds[(position + i) % len(seeds)] for i in range(batch_size)]
-        position += batch_size
-        pixels = [clip_window(seed, latent_frames, source_latent_frames) for seed in chunk]
-        yield torch.from_numpy(np.stack(pixels)).transpose(1, 2)
+def foreground_weights(video: torch.Tensor, weight: float) -> torch.Tensor | float:
+    """``1 + weight`` on pixels far from their row's median colour (the subjects), 1 elsewhere."""
+    if weight == 0:
+        return 1.0
+    background = video.median(dim=-1, keepdim=True).values
+    far = (video - background).pow(2).sum(1, keepdim=True) > FOREGROUND_DISTANCE**2
+    return 1.0 + weight * far.to(video.dtype)
 
 
-def vae_loss(model: AutoencoderKLWan, video: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict]:
-    """Reconstruction (L1 + MSE) of a posterior sample plus ``kl_weight`` x KL to N(0, I)."""
-    posterior = model.encode(video).latent_dist
-    recon = model.decode(posterior.sample()).sample
-    l1 = (recon - video).abs().mean()
-    mse = (recon - video).pow(2).mean()
-    kl = posterior.kl().mean() / posterior.mean[0].numel()
-    loss = l1 + mse + kl_weight * kl
-    return loss, {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+def streaming_loss(
+    model: AutoencoderKLWan, video: torch.Tensor, warmup: int, settings: VAESettings
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss on the latent frames after the first ``warmup`` of ``video`` (which has ``warmup + window``).
+
+    The warm-up runs without gradients and only fills the encoder's and decoder's causal caches.
+    """
+    chunks = latent_chunks(video)
+    encoder_cache, decoder_cache = conv_cache(model.encoder), conv_cache(model.decoder)
+
+    def encode(chunk: torch.Tensor) -> DiagonalGaussianDistribution:
+        return DiagonalGaussianDistribution(model.quant_conv(model.encoder(chunk, feat_cache=encoder_cache,
+                                                                           feat_idx=[0])))  # fmt: skip
+
+    def decode(z: torch.Tensor, index: int) -> torch.Tensor:
+        return model.decoder(model.post_quant_conv(z), feat_cache=decoder_cache, feat_idx=[0], first_chunk=index == 0)
+
+    with torch.no_grad():
+        for index in range(warmup):
+            decode(encode(chunks[index]).mode(), index)
+    recon, kl = [], []
+    for index in range(warmup, len(chunks)):
+        posterior = encode(chunks[index])
+        recon.append(decode(posterior.sample(), index))
+        kl.append(posterior.kl().mean() / posterior.mean[0].numel())
+    target = torch.cat(chunks[warmup:], dim=2)
+    error = torch.cat(recon, dim=2) - target
+    weights = foreground_weights(target, settings.foreground_weight)
+    l1 = (weights * error.abs()).mean()
+    mse = (weights * error.pow(2)).mean()
+    kl_mean = torch.stack(kl).mean()
+    loss = l1 + mse + settings.kl_weight * kl_mean
+    return loss, {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "kl": kl_mean.item(), "warmup": warmup}
+
+
+def clip_video(seeds: Sequence[int], latent_frames: int) -> torch.Tensor:
+    """Training clips of ``latent_frames`` as VAE input ``[B, 3, 1 + 4 (latent_frames - 1), 64, 64]`` in [-1, 1]."""
+    pixels = [to_model_pixels(clip_from_seed(seed, latent_frames).frames) for seed in seeds]
+    return torch.from_numpy(np.stack(pixels)).transpose(1, 2)
 
 
 class VAETrainer:
@@ -102,31 +176,23 @@ class VAETrainer:
         self.model = AutoencoderKLWan(**settings.model_config())
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=0.0)
         self.seeds = list(seeds if seeds is not None else split_seeds("train", 100_000))
-        self.phase_batches = [
-            (steps, clip_batches(self.seeds, batch, frames, settings.source_latent_frames))
-            for frames, steps, batch in settings.phases
-        ]
         self.step_count = 0
-
-    @property
-    def total_steps(self) -> int:
-        return sum(steps for _, steps, _ in self.settings.phases)
+        self.seen = 0
 
     def load_weights(self, folder: Path) -> None:
         """Start from a saved VAE of the same architecture (``folder`` in the Diffusers ``vae/`` layout)."""
         self.model.load_state_dict(WanVAE.from_diffusers(folder).model.state_dict())
 
     def step(self) -> dict[str, float]:
-        """One optimisation step on the next batch; returns its losses."""
-        self.model.train()
-        done, batches = 0, self.phase_batches[-1][1]
-        for steps, phase in self.phase_batches:
-            if self.step_count < done + steps:
-                batches = phase
-                break
-            done += steps
+        """One optimisation step: the next clips, a seeded random warm-up, the window trained."""
+        settings, phase = self.settings, self.settings.phase_at(self.step_count)
+        warmup = int(np.random.default_rng([settings.seed, self.step_count]).integers(0, phase.max_warmup + 1))
+        seeds = [self.seeds[(self.seen + i) % len(self.seeds)] for i in range(phase.batch_size)]
+        self.seen += phase.batch_size
         self.step_count += 1
-        loss, values = vae_loss(self.model, next(batches), self.settings.kl_weight)
+        self.model.train()
+        video = clip_video(seeds, settings.clip_latent_frames)[:, :, : 1 + 4 * (warmup + phase.window - 1)]
+        loss, values = streaming_loss(self.model, video, warmup, settings)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -136,11 +202,8 @@ class VAETrainer:
     def fit_normalisation(self) -> tuple[list[float], list[float]]:
         """Per-channel mean / std of the latent means over ``stats_clips`` clips, stored in the config."""
         self.model.eval()
-        count = self.settings.stats_clips
-        batches = clip_batches(
-            self.seeds[-count:], count, self.settings.phases[0][0], self.settings.source_latent_frames
-        )
-        mu = self.model.encode(next(batches)).latent_dist.mode()
+        video = clip_video(self.seeds[-self.settings.stats_clips :], self.settings.clip_latent_frames)
+        mu = self.model.encode(video).latent_dist.mode()
         mean = mu.mean(dim=(0, 2, 3, 4))
         std = mu.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
         self.model.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
@@ -159,11 +222,9 @@ class VAETrainer:
 
 
 @torch.no_grad()
-def reconstruction_error(vae: WanVAE, seeds: Sequence[int], latent_frames: int) -> float:
-    """Mean absolute pixel error (0-255 scale) of encode -> decode over clips of ``latent_frames``."""
-    errors = []
-    for seed in seeds:
-        video = torch.from_numpy(clip_window(seed, latent_frames, latent_frames))[None]
-        recon = vae.decode(vae.encode(video)).clamp(-1, 1)
-        errors.append(float((recon - video).abs().mean()) * 127.5)
-    return float(np.mean(errors))
+def reconstruction_error(vae: WanVAE, seeds: Sequence[int], latent_frames: int) -> list[float]:
+    """Mean absolute pixel error (0-255 scale) of whole-clip encode -> decode, per latent frame, over ``seeds``."""
+    video = clip_video(seeds, latent_frames).transpose(1, 2)
+    recon = vae.decode(vae.encode(video)).clamp(-1, 1)
+    per_frame = (recon - video).abs().mean(dim=(0, 2, 3, 4)) * 127.5
+    return [float(chunk.mean()) for chunk in latent_chunks(per_frame[None, None])]
