@@ -24,7 +24,7 @@ LOGS=logs/toy
 TIMINGS="$LOGS/timings.json"
 mkdir -p "$LOGS"
 [ -f "$TIMINGS" ] || echo '{}' > "$TIMINGS"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # two threads per process oversubscribe a shared 2-core machine
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"  # all of a 2-core machine; set 1 when sharing it
 
 record() {  # record STAGE SECONDS into timings.json
     "$PYTHON" - "$TIMINGS" "$1" "$2" <<'EOF'
