@@ -65,14 +65,15 @@ class Phase:
 class VAESettings:
     """Architecture and optimisation of the tiny VAE (see the module docstring for warm-up and window).
 
-    ``phases`` run in order: typically short clips without warm-up first (cheap steps that learn the
-    spatial code), then windows behind a warm-up (the causal caches of long videos).
+    ``phases`` run in order. Windows of at least 3 latent frames train every cache regime of the
+    decoder's temporal upsamplers (skipped on the first frame, zero history on the second, a real
+    cache from the third on); a warm-up from the first step keeps the deep-video state in distribution.
     """
 
     base_dim: int = 16
     z_dim: int = 16
     num_res_blocks: int = 1
-    phases: tuple[Phase, ...] = (Phase(500, 4, 2, 0), Phase(500, 2, 2, 6))
+    phases: tuple[Phase, ...] = (Phase(1300, 2, 3, 4),)
     foreground_weight: float = 2.0
     lr: float = 1e-3
     kl_weight: float = 1e-6
