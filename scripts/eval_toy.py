@@ -103,19 +103,40 @@ def summarise(scores: dict[str, list[dict]], timings: dict[str, list[float]], pi
     for row in rows.values():
         if base and "generate_fps" in row:
             row["fps_vs_none"] = row["generate_fps"] / base
+    for mode, row in rows.items():
+        if mode in timings and mode != "none" and "none" in scores:
+            row["identity_vs_none"] = paired_difference(scores[mode], scores["none"], "identity_consistency")
     return rows
+
+
+def paired_difference(scores: list[dict], baseline: list[dict], key: str) -> dict[str, float]:
+    """``key`` of a mode minus the baseline's on the same narratives (same prompts and noise): the mean
+    difference, its standard error, and how many narratives each side wins."""
+    pairs = np.array([(a[key], b[key]) for a, b in zip(scores, baseline, strict=True)], dtype=np.float64)
+    diff = np.diff(pairs[np.isfinite(pairs).all(axis=1)][:, ::-1], axis=1)[:, 0]
+    if len(diff) == 0:
+        return {"mean": float("nan"), "se": float("nan"), "wins": 0.0, "losses": 0.0, "pairs": 0.0}
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return {"mean": float(diff.mean()), "se": se, "wins": float((diff > 0).sum()), "losses": float((diff < 0).sum()),
+            "pairs": float(len(diff))}  # fmt: skip
 
 
 def markdown(rows: dict[str, dict]) -> str:
     def cell(value: float | None, digits: int = 3) -> str:
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
+    def paired(value: dict | None) -> str:
+        if not value or math.isnan(value["mean"]):
+            return "-"
+        return f"{value['mean']:+.3f} ± {value['se']:.3f} ({value['wins']:.0f}:{value['losses']:.0f})"
+
     head = ("| mode | identity consistency | background consistency | adherence | duplicate rate | smoothness "
-            "| generation FPS | FPS vs none |")  # fmt: skip
-    lines = [head, "|" + "---|" * 8]
+            "| generation FPS | FPS vs none | identity - none ± SE (wins:losses) |")  # fmt: skip
+    lines = [head, "|" + "---|" * 9]
     for mode, row in rows.items():
         lines.append("| " + " | ".join([mode, *(cell(row.get(k)) for k in METRICS), cell(row.get("generate_fps"), 1),
-                                        cell(row.get("fps_vs_none"), 2)]) + " |")  # fmt: skip
+                                        cell(row.get("fps_vs_none"), 2), paired(row.get("identity_vs_none"))])
+                     + " |")  # fmt: skip
     return "\n".join(lines)
 
 

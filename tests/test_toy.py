@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -140,7 +141,23 @@ def test_eval_prints_json_per_mode(tmp_path: Path) -> None:
     result = json.loads(proc.stdout)
     assert set(result["modes"]) == {"ground_truth", "none", "nam"}
     assert result["modes"]["none"]["fps_vs_none"] == 1.0 and result["modes"]["nam"]["generate_fps"] > 0
+    assert result["modes"]["nam"]["identity_vs_none"]["pairs"] in (0, 1)
     assert result["modes"]["ground_truth"]["adherence"] > 0.9
+
+
+def test_paired_identity_difference_counts_wins_and_skips_untested_narratives(monkeypatch) -> None:
+    spec = importlib.util.spec_from_file_location("eval_toy", ROOT / "scripts" / "eval_toy.py")
+    eval_toy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "eval_toy", eval_toy)  # its dataclasses look their module up there
+    spec.loader.exec_module(eval_toy)
+    key = "identity_consistency"
+    mode = [{key: 1.0}, {key: 2 / 3}, {key: 0.0}, {key: float("nan")}]
+    none = [{key: 0.0}, {key: 2 / 3}, {key: 1 / 3}, {key: 1.0}]
+    result = eval_toy.paired_difference(mode, none, key)
+    diffs = np.array([1.0, 0.0, -1 / 3])
+    assert result["pairs"] == 3 and result["wins"] == 1 and result["losses"] == 1
+    assert result["mean"] == pytest.approx(diffs.mean())
+    assert result["se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
 
 
 def test_eval_rejects_unknown_mode() -> None:
