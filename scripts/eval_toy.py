@@ -113,7 +113,8 @@ def paired_difference(scores: list[dict], baseline: list[dict], key: str) -> dic
     """``key`` of a mode minus the baseline's on the same narratives (same prompts and noise): the mean
     difference, its standard error, and how many narratives each side wins."""
     pairs = np.array([(a[key], b[key]) for a, b in zip(scores, baseline, strict=True)], dtype=np.float64)
-    diff = np.diff(pairs[np.isfinite(pairs).all(axis=1)][:, ::-1], axis=1)[:, 0]
+    tested = pairs[np.isfinite(pairs).all(axis=1)]
+    diff = tested[:, 0] - tested[:, 1]
     if len(diff) == 0:
         return {"mean": float("nan"), "se": float("nan"), "wins": 0.0, "losses": 0.0, "pairs": 0.0}
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")

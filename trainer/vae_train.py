@@ -33,12 +33,14 @@ from safetensors.torch import save_file
 
 from memflow.errors import ConfigError
 from memflow.vae import WanVAE, conv_cache, vae_config
+from utils import oracle
 from utils.atomic import atomic_path
 from utils.world import clip_from_seed, split_seeds, to_model_pixels
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 MIN_CLIP_LATENT_FRAMES = 2
-FOREGROUND_DISTANCE = 40.0 / 127.5  # RGB distance from the row's median (in [-1, 1] units) that marks a subject
+# the oracle's foreground threshold (RGB distance from the row's background) in the model's [-1, 1] units
+FOREGROUND_DISTANCE = oracle.FOREGROUND_DISTANCE / 127.5
 
 
 @dataclass(frozen=True)
