@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from memflow.errors import ConfigError
 from memflow.vae import WanVAE
 from memflow.weights import load_dit
 from pipeline.inference import VideoRunner, build_components, plan_run
@@ -35,11 +36,13 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_vae_trainer_steps_and_saved_model_loads(tmp_path: Path) -> None:
-    settings = VAESettings(base_dim=4, phases=((1, 1, 2, 0), (2, 1, 1, 2)), lr=1e-3, stats_clips=2)
+    settings = VAESettings(base_dim=4, phases=((1, 1, 2, 0), (2, 1, 1, 2)), lr=1e-3, final_lr_scale=0.1,
+                           stats_clips=2)  # fmt: skip
     trainer = VAETrainer(settings, seeds=[0, 1, 2])
     values = [trainer.step() for _ in range(3)]
     losses = [v["loss"] for v in values]
     assert all(np.isfinite(losses)) and len(set(losses)) == 3
+    assert values[0]["lr"] < 1e-3 and values[-1]["lr"] == pytest.approx(1e-4)  # cosine down to lr * 0.1
     assert values[0]["warmup"] == 0 and {v["warmup"] for v in values[1:]} <= {0, 1, 2}
     mean, std = trainer.fit_normalisation()
     assert len(mean) == len(std) == 16 and min(std) > 0
@@ -69,6 +72,16 @@ def test_streaming_loss_sees_the_cache_of_a_whole_clip_decode() -> None:
     torch.testing.assert_close(window.clamp(-1, 1), whole[:, :, 5:], rtol=0, atol=1e-5)  # decode() clamps
     expected = (window - video[:, :, 5:]).abs().mean() + (window - video[:, :, 5:]).pow(2).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"phases": ()}, "phases"), ({"phases": ((10, 0, 3, 4),)}, "batch_size"),
+     ({"final_lr_scale": 0.0}, "final_lr_scale"), ({"foreground_weight": -1.0}, "foreground_weight")],
+)
+def test_vae_settings_reject_bad_values_naming_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        VAESettings(**overrides)
 
 
 def test_foreground_weights_mark_subjects_only() -> None:

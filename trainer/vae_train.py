@@ -67,7 +67,8 @@ class Phase:
 class VAESettings:
     """Architecture and optimisation of the tiny VAE (see the module docstring for warm-up and window).
 
-    ``phases`` run in order. Windows of at least 3 latent frames train every cache regime of the
+    ``phases`` run in order; the learning rate follows a cosine from ``lr`` to ``lr * final_lr_scale`` over
+    all their steps (1: constant). Windows of at least 3 latent frames train every cache regime of the
     decoder's temporal upsamplers (skipped on the first frame, zero history on the second, a real
     cache from the third on); a warm-up from the first step keeps the deep-video state in distribution.
     """
@@ -75,9 +76,10 @@ class VAESettings:
     base_dim: int = 16
     z_dim: int = 16
     num_res_blocks: int = 1
-    phases: tuple[Phase, ...] = (Phase(1300, 2, 3, 4),)
+    phases: tuple[Phase, ...] = (Phase(3600, 2, 3, 4),)
     foreground_weight: float = 2.0
     lr: float = 1e-3
+    final_lr_scale: float = 1.0
     kl_weight: float = 1e-6
     stats_clips: int = 32
     seed: int = 0
@@ -87,6 +89,9 @@ class VAESettings:
         object.__setattr__(self, "phases", phases)
         if not phases:
             raise ConfigError("vae settings.phases is empty; give at least one [steps, batch_size, window, max_warmup]")
+        if not 0.0 < self.final_lr_scale <= 1.0:
+            raise ConfigError(f"vae settings.final_lr_scale={self.final_lr_scale}: must be in (0, 1] "
+                              "(the share of lr left at the last step)")  # fmt: skip
         if self.foreground_weight < 0:
             raise ConfigError(f"vae settings.foreground_weight={self.foreground_weight}: must be >= 0")
 
@@ -178,6 +183,9 @@ class VAETrainer:
         torch.manual_seed(settings.seed)
         self.model = AutoencoderKLWan(**settings.model_config())
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=0.0)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=max(1, settings.steps), eta_min=settings.lr * settings.final_lr_scale
+        )
         self.seeds = list(seeds if seeds is not None else split_seeds("train", 100_000))
         self.step_count = 0
         self.seen = 0
@@ -199,7 +207,8 @@ class VAETrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return values
+        self.schedule.step()
+        return {**values, "lr": self.schedule.get_last_lr()[0]}
 
     @torch.no_grad()
     def fit_normalisation(self) -> tuple[list[float], list[float]]:
