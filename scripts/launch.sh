@@ -9,6 +9,6 @@ PYTHON="$ROOT/.venv/bin/python"
 SCRIPT="$ROOT/$1"
 shift
 if [ "${NPROC:-1}" -gt 1 ]; then
-    exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$SCRIPT" "$@"
+    exec "$PYTHON" "$ROOT/scripts/torchrun.py" --standalone --nproc_per_node "$NPROC" "$SCRIPT" "$@"
 fi
 exec "$PYTHON" "$SCRIPT" "$@"

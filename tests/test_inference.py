@@ -115,6 +115,16 @@ def test_two_ranks_split_prompts_without_duplicates(tmp_path):
     assert len(list(out.glob("*.mp4"))) == 3
 
 
+def test_bad_input_under_torchrun_is_one_line_per_rank_and_exit_2(tmp_path):
+    result = subprocess.run(
+        ["bash", str(ROOT / "train_long.sh"), "--config_path", str(tmp_path / "missing.yaml")],
+        cwd=ROOT, capture_output=True, text=True, env={**_env(), "NPROC": "2"}, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: config file") for line in lines), result.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # In process: determinism, timeline transitions, planning
 
