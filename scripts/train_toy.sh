@@ -2,7 +2,8 @@
 # Trains MemFlow-Tiny from scratch on the story world (2 CPU cores) and copies the release into
 # checkpoints/memflow-tiny/. Stage by stage, each skipped when its output already exists (rerun to resume):
 #   0. prompts   training prompts of training-split seeds      -> prompts/toy/{train,switch_first,switch_second}.txt
-#   1. vae       tiny AutoencoderKLWan (configs/toy/vae.yaml)   -> logs/toy/release/vae/
+#   1. vae       tiny AutoencoderKLWan on short windows (configs/toy/vae.yaml)   -> logs/toy/vae_base/
+#      vae_long  the same tuned on whole streamed 36-latent clips (configs/toy/vae_long.yaml) -> logs/toy/release/vae/
 #   2. teacher   bidirectional DiT, flow matching on cached VAE latents (configs/toy/teacher.yaml)
 #                                                               -> logs/toy/release/transformer/
 #   3. ode_init  teacher ODE pairs + causal regression (scripts/train.py, configs/toy/ode_init.yaml)
@@ -51,7 +52,8 @@ stage() {  # stage NAME DONE_FILE COMMAND...
 }
 
 stage prompts prompts/toy/switch_second.txt "$PYTHON" scripts/train_toy.py prompts --count 2000
-stage vae "$LOGS/release/vae/config.json" "$PYTHON" scripts/train_toy.py vae
+stage vae "$LOGS/vae_base/config.json" "$PYTHON" scripts/train_toy.py vae
+stage vae_long "$LOGS/release/vae/config.json" "$PYTHON" scripts/train_toy.py vae --config_path configs/toy/vae_long.yaml
 stage teacher "$LOGS/release/transformer/diffusion_pytorch_model.safetensors" "$PYTHON" scripts/train_toy.py teacher
 stage ode_init "$LOGS/ode_init/base.pt" "$PYTHON" scripts/train.py --stage ode_init \
     --config_path configs/toy/ode_init.yaml --logdir "$LOGS/ode_init"

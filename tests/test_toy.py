@@ -21,7 +21,16 @@ from memflow.weights import load_dit
 from pipeline.inference import VideoRunner, build_components, plan_run
 from pipeline.inference import random_vae as make_random_vae
 from trainer.teacher_train import TeacherSettings, TeacherTrainer, build_latent_cache, load_latent_cache
-from trainer.vae_train import VAESettings, VAETrainer, clip_video, foreground_weights, streaming_loss
+from trainer.vae_train import (
+    CausalCaches,
+    VAESettings,
+    VAETrainer,
+    clip_video,
+    foreground_weights,
+    latent_chunks,
+    streaming_loss,
+    window_loss,
+)
 from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,10 +83,35 @@ def test_streaming_loss_sees_the_cache_of_a_whole_clip_decode() -> None:
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_windows_with_carried_caches_reproduce_a_whole_clip_decode() -> None:
+    """Streaming a clip window by window, the caches detached between windows, decodes what the whole clip does."""
+    settings = VAESettings(base_dim=4, phases=((1, 1, 2, 0, 4),), kl_weight=0.0, foreground_weight=0.0)
+    model = AutoencoderKLWan(**settings.model_config()).eval()
+    video = clip_video([7], 4)
+    whole = model.decode(model.encode(video).latent_dist.mode()).sample
+    recon = []
+    handle = model.decoder.register_forward_hook(lambda module, args, output: recon.append(output))
+    caches, chunks = CausalCaches(model), latent_chunks(video)
+    with torch.no_grad(), patch.object(DiagonalGaussianDistribution, "sample", DiagonalGaussianDistribution.mode):
+        for start in (0, 2):
+            caches.detach()
+            window_loss(caches, chunks[start : start + 2], settings)
+    handle.remove()
+    torch.testing.assert_close(torch.cat(recon, dim=2).clamp(-1, 1), whole, rtol=0, atol=1e-5)
+
+
+def test_streaming_phase_walks_each_clip_window_by_window() -> None:
+    settings = VAESettings(base_dim=4, phases=((5, 1, 2, 0, 4),), lr=1e-3, stats_clips=1)
+    trainer = VAETrainer(settings, seeds=[3, 4, 5])
+    depths = [trainer.step()["warmup"] for _ in range(5)]
+    assert depths == [0, 2, 0, 2, 0] and trainer.seen == 3  # a new clip (and empty caches) every 2 steps
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [({"phases": ()}, "phases"), ({"phases": ((10, 0, 3, 4),)}, "batch_size"),
-     ({"final_lr_scale": 0.0}, "final_lr_scale"), ({"foreground_weight": -1.0}, "foreground_weight")],
+     ({"final_lr_scale": 0.0}, "final_lr_scale"), ({"foreground_weight": -1.0}, "foreground_weight"),
+     ({"phases": ((10, 2, 3, 4, 36),)}, "streaming phase"), ({"phases": ((10, 2, 4, 0, 6),)}, "multiple of window")],
 )
 def test_vae_settings_reject_bad_values_naming_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):

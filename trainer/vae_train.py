@@ -9,7 +9,10 @@ produces, and a VAE trained on short clips alone drifts after as many latent fra
 Each step therefore runs the encoder and decoder chunk by chunk (one latent frame at a time, exactly as
 whole-video encode and decode do) over a random number of ``warmup`` latent frames without gradients,
 then trains on the next ``window`` latent frames with the caches the warm-up left: truncated
-backpropagation through time, at the cost of a forward pass over the warm-up.
+backpropagation through time, at the cost of a forward pass over the warm-up. Warm-ups that reach the
+decoder's whole temporal receptive field (about 18 latent frames) would cost several times the window,
+so a streaming phase instead walks whole clips one window per step, carrying the caches (detached)
+from step to step: every depth of a long video is trained at the cost of the window alone.
 
 Loss: L1 + MSE of a posterior sample's reconstruction, each pixel weighted by ``1 + foreground_weight``
 where it stands out from its row's background (subjects are a few percent of the pixels but all of
@@ -45,22 +48,40 @@ FOREGROUND_DISTANCE = oracle.FOREGROUND_DISTANCE / 127.5
 
 @dataclass(frozen=True)
 class Phase:
-    """A stretch of training: ``steps`` of ``batch_size`` clips, warm-up drawn from ``0..max_warmup``."""
+    """A stretch of training: ``steps`` of ``batch_size`` clips, each step training a ``window`` of latent frames.
+
+    With ``stream == 0`` every step draws fresh clips and a warm-up of ``0..max_warmup`` latent frames.
+    With ``stream > 0`` the batch streams clips of ``stream`` latent frames one window per step, the
+    causal caches carried (detached) from step to step: every depth of a long video is trained, at the
+    cost of the window alone (``max_warmup`` must then be 0).
+    """
 
     steps: int
     batch_size: int
     window: int
     max_warmup: int
+    stream: int = 0
 
     def __post_init__(self) -> None:
-        minimum = {"steps": 0, "batch_size": 1, "window": 1, "max_warmup": 0}
+        minimum = {"steps": 0, "batch_size": 1, "window": 1, "max_warmup": 0, "stream": 0}
         for name, low in minimum.items():
             if getattr(self, name) < low:
-                raise ConfigError(f"vae phase {list(vars(self).values())}: {name} must be >= {low} "
-                                  "(phases are [steps, batch_size, window, max_warmup])")  # fmt: skip
+                raise ConfigError(f"vae phase {self.values}: {name} must be >= {low} "
+                                  "(phases are [steps, batch_size, window, max_warmup, stream])")  # fmt: skip
         if self.window + self.max_warmup < MIN_CLIP_LATENT_FRAMES:
-            raise ConfigError(f"vae phase {list(vars(self).values())}: window + max_warmup must be >= "
+            raise ConfigError(f"vae phase {self.values}: window + max_warmup must be >= "
                               f"{MIN_CLIP_LATENT_FRAMES} latent frames (the world's shortest clip)")  # fmt: skip
+        if self.stream and (self.max_warmup or self.stream % self.window):
+            raise ConfigError(f"vae phase {self.values}: a streaming phase needs max_warmup 0 and stream a "
+                              "multiple of window")  # fmt: skip
+
+    @property
+    def values(self) -> list[int]:
+        return list(vars(self).values())
+
+    @property
+    def clip_latent_frames(self) -> int:
+        return self.stream or self.max_warmup + self.window
 
 
 @dataclass(frozen=True)
@@ -102,7 +123,7 @@ class VAESettings:
     @property
     def clip_latent_frames(self) -> int:
         """Latent frames of the longest training clip: the longest warm-up plus its window."""
-        return max(phase.max_warmup + phase.window for phase in self.phases)
+        return max(phase.clip_latent_frames for phase in self.phases)
 
     def phase_at(self, step: int) -> Phase:
         """The phase that step ``step`` (counted from 0) belongs to."""
@@ -134,6 +155,49 @@ def foreground_weights(video: torch.Tensor, weight: float) -> torch.Tensor | flo
     return 1.0 + weight * far.to(video.dtype)
 
 
+class CausalCaches:
+    """The encoder's and decoder's causal feature caches of one batch of videos, and the next latent frame's index."""
+
+    def __init__(self, model: AutoencoderKLWan):
+        self.model = model
+        self.encoder, self.decoder = conv_cache(model.encoder), conv_cache(model.decoder)
+        self.index = 0
+
+    def encode(self, chunk: torch.Tensor) -> DiagonalGaussianDistribution:
+        moments = self.model.quant_conv(self.model.encoder(chunk, feat_cache=self.encoder, feat_idx=[0]))
+        return DiagonalGaussianDistribution(moments)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.model.decoder(self.model.post_quant_conv(z), feat_cache=self.decoder, feat_idx=[0],
+                                 first_chunk=self.index == 0)  # fmt: skip
+        self.index += 1
+        return out
+
+    def detach(self) -> None:
+        """Cut the graph behind the caches (truncated backpropagation through time)."""
+        for cache in (self.encoder, self.decoder):
+            cache[:] = [c.detach() if isinstance(c, torch.Tensor) else c for c in cache]
+
+
+def window_loss(
+    caches: CausalCaches, chunks: Sequence[torch.Tensor], settings: VAESettings
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss on the pixel ``chunks`` of the next latent frames, encoded and decoded through ``caches``."""
+    recon, kl = [], []
+    for chunk in chunks:
+        posterior = caches.encode(chunk)
+        recon.append(caches.decode(posterior.sample()))
+        kl.append(posterior.kl().mean() / posterior.mean[0].numel())
+    target = torch.cat(list(chunks), dim=2)
+    error = torch.cat(recon, dim=2) - target
+    weights = foreground_weights(target, settings.foreground_weight)
+    l1 = (weights * error.abs()).mean()
+    mse = (weights * error.pow(2)).mean()
+    kl_mean = torch.stack(kl).mean()
+    loss = l1 + mse + settings.kl_weight * kl_mean
+    return loss, {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "kl": kl_mean.item()}
+
+
 def streaming_loss(
     model: AutoencoderKLWan, video: torch.Tensor, warmup: int, settings: VAESettings
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -142,31 +206,12 @@ def streaming_loss(
     The warm-up runs without gradients and only fills the encoder's and decoder's causal caches.
     """
     chunks = latent_chunks(video)
-    encoder_cache, decoder_cache = conv_cache(model.encoder), conv_cache(model.decoder)
-
-    def encode(chunk: torch.Tensor) -> DiagonalGaussianDistribution:
-        return DiagonalGaussianDistribution(model.quant_conv(model.encoder(chunk, feat_cache=encoder_cache,
-                                                                           feat_idx=[0])))  # fmt: skip
-
-    def decode(z: torch.Tensor, index: int) -> torch.Tensor:
-        return model.decoder(model.post_quant_conv(z), feat_cache=decoder_cache, feat_idx=[0], first_chunk=index == 0)
-
+    caches = CausalCaches(model)
     with torch.no_grad():
-        for index in range(warmup):
-            decode(encode(chunks[index]).mode(), index)
-    recon, kl = [], []
-    for index in range(warmup, len(chunks)):
-        posterior = encode(chunks[index])
-        recon.append(decode(posterior.sample(), index))
-        kl.append(posterior.kl().mean() / posterior.mean[0].numel())
-    target = torch.cat(chunks[warmup:], dim=2)
-    error = torch.cat(recon, dim=2) - target
-    weights = foreground_weights(target, settings.foreground_weight)
-    l1 = (weights * error.abs()).mean()
-    mse = (weights * error.pow(2)).mean()
-    kl_mean = torch.stack(kl).mean()
-    loss = l1 + mse + settings.kl_weight * kl_mean
-    return loss, {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "kl": kl_mean.item(), "warmup": warmup}
+        for chunk in chunks[:warmup]:
+            caches.decode(caches.encode(chunk).mode())
+    loss, values = window_loss(caches, chunks[warmup:], settings)
+    return loss, {**values, "warmup": warmup}
 
 
 def clip_video(seeds: Sequence[int], latent_frames: int) -> torch.Tensor:
@@ -189,26 +234,43 @@ class VAETrainer:
         self.seeds = list(seeds if seeds is not None else split_seeds("train", 100_000))
         self.step_count = 0
         self.seen = 0
+        self._stream: tuple[list[torch.Tensor], CausalCaches] | None = None
 
     def load_weights(self, folder: Path) -> None:
         """Start from a saved VAE of the same architecture (``folder`` in the Diffusers ``vae/`` layout)."""
         self.model.load_state_dict(WanVAE.from_diffusers(folder).model.state_dict())
 
     def step(self) -> dict[str, float]:
-        """One optimisation step: the next clips, a seeded random warm-up, the window trained."""
+        """One optimisation step: a window of fresh clips after a seeded random warm-up, or of the streamed clips."""
         settings, phase = self.settings, self.settings.phase_at(self.step_count)
-        warmup = int(np.random.default_rng([settings.seed, self.step_count]).integers(0, phase.max_warmup + 1))
-        seeds = [self.seeds[(self.seen + i) % len(self.seeds)] for i in range(phase.batch_size)]
-        self.seen += phase.batch_size
         self.step_count += 1
         self.model.train()
-        video = clip_video(seeds, settings.clip_latent_frames)[:, :, : 1 + 4 * (warmup + phase.window - 1)]
-        loss, values = streaming_loss(self.model, video, warmup, settings)
+        if phase.stream:
+            loss, values = self._stream_loss(phase)
+        else:
+            warmup = int(np.random.default_rng([settings.seed, self.step_count - 1]).integers(0, phase.max_warmup + 1))
+            video = self._next_clips(phase)[:, :, : 1 + 4 * (warmup + phase.window - 1)]
+            loss, values = streaming_loss(self.model, video, warmup, settings)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.schedule.step()
         return {**values, "lr": self.schedule.get_last_lr()[0]}
+
+    def _next_clips(self, phase: Phase) -> torch.Tensor:
+        seeds = [self.seeds[(self.seen + i) % len(self.seeds)] for i in range(phase.batch_size)]
+        self.seen += phase.batch_size
+        return clip_video(seeds, phase.clip_latent_frames)
+
+    def _stream_loss(self, phase: Phase) -> tuple[torch.Tensor, dict[str, float]]:
+        """The next window of the streamed clips (new clips and empty caches once they are used up)."""
+        if self._stream is None or self._stream[1].index >= phase.stream:
+            self._stream = (latent_chunks(self._next_clips(phase)), CausalCaches(self.model))
+        chunks, caches = self._stream
+        caches.detach()
+        depth = caches.index
+        loss, values = window_loss(caches, chunks[depth : depth + phase.window], self.settings)
+        return loss, {**values, "warmup": depth}
 
     @torch.no_grad()
     def fit_normalisation(self) -> tuple[list[float], list[float]]:
