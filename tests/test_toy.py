@@ -85,7 +85,7 @@ def test_streaming_loss_sees_the_cache_of_a_whole_clip_decode() -> None:
 
 def test_windows_with_carried_caches_reproduce_a_whole_clip_decode() -> None:
     """Streaming a clip window by window, the caches detached between windows, decodes what the whole clip does."""
-    settings = VAESettings(base_dim=4, phases=((1, 1, 2, 0, 4),), kl_weight=0.0, foreground_weight=0.0)
+    settings = VAESettings(base_dim=4, phases=((1, 1, 2, 2),), kl_weight=0.0, foreground_weight=0.0)
     model = AutoencoderKLWan(**settings.model_config()).eval()
     video = clip_video([7], 4)
     whole = model.decode(model.encode(video).latent_dist.mode()).sample
@@ -100,18 +100,22 @@ def test_windows_with_carried_caches_reproduce_a_whole_clip_decode() -> None:
     torch.testing.assert_close(torch.cat(recon, dim=2).clamp(-1, 1), whole, rtol=0, atol=1e-5)
 
 
-def test_streaming_phase_walks_each_clip_window_by_window() -> None:
-    settings = VAESettings(base_dim=4, phases=((5, 1, 2, 0, 4),), lr=1e-3, stats_clips=1)
+def test_streaming_phase_walks_each_narrative_window_by_window() -> None:
+    settings = VAESettings(base_dim=4, phases=((10, 1, 3, 0, 27),), lr=1e-3, stats_clips=1)
     trainer = VAETrainer(settings, seeds=[3, 4, 5])
-    depths = [trainer.step()["warmup"] for _ in range(5)]
-    assert depths == [0, 2, 0, 2, 0] and trainer.seen == 3  # a new clip (and empty caches) every 2 steps
+    depths = [trainer.step()["warmup"] for _ in range(10)]
+    assert depths == [0, 3, 6, 9, 12, 15, 18, 21, 24, 0] and trainer.seen == 2  # then a new one, empty caches
+    chunks = trainer._stream[0]
+    expected = latent_chunks(clip_video([4], 27, narratives=True))
+    assert all(torch.equal(a, b) for a, b in zip(chunks, expected, strict=True))
 
 
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [({"phases": ()}, "phases"), ({"phases": ((10, 0, 3, 4),)}, "batch_size"),
      ({"final_lr_scale": 0.0}, "final_lr_scale"), ({"foreground_weight": -1.0}, "foreground_weight"),
-     ({"phases": ((10, 2, 3, 4, 36),)}, "streaming phase"), ({"phases": ((10, 2, 4, 0, 6),)}, "multiple of window")],
+     ({"phases": ((10, 2, 3, 4, 36),)}, "streaming phase"), ({"phases": ((10, 2, 4, 0, 6),)}, "multiple of window"),
+     ({"phases": ((10, 2, 3, 0, 12),)}, "narrative length")],
 )
 def test_vae_settings_reject_bad_values_naming_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):

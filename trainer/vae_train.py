@@ -38,7 +38,14 @@ from memflow.errors import ConfigError
 from memflow.vae import WanVAE, conv_cache, vae_config
 from utils import oracle
 from utils.atomic import atomic_path
-from utils.world import clip_from_seed, split_seeds, to_model_pixels
+from utils.world import (
+    CHUNK_FRAMES,
+    clip_from_seed,
+    min_narrative_latent_frames,
+    narrative_from_seed,
+    split_seeds,
+    to_model_pixels,
+)
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 MIN_CLIP_LATENT_FRAMES = 2
@@ -51,9 +58,10 @@ class Phase:
     """A stretch of training: ``steps`` of ``batch_size`` clips, each step training a ``window`` of latent frames.
 
     With ``stream == 0`` every step draws fresh clips and a warm-up of ``0..max_warmup`` latent frames.
-    With ``stream > 0`` the batch streams clips of ``stream`` latent frames one window per step, the
-    causal caches carried (detached) from step to step: every depth of a long video is trained, at the
-    cost of the window alone (``max_warmup`` must then be 0).
+    With ``stream > 0`` the batch streams training-split narratives of ``stream`` latent frames (scene
+    cuts included, as generated videos have them) one window per step, the causal caches carried
+    (detached) from step to step: every depth of a long video is trained, at the cost of the window
+    alone (``max_warmup`` must then be 0).
     """
 
     steps: int
@@ -74,6 +82,10 @@ class Phase:
         if self.stream and (self.max_warmup or self.stream % self.window):
             raise ConfigError(f"vae phase {self.values}: a streaming phase needs max_warmup 0 and stream a "
                               "multiple of window")  # fmt: skip
+        shortest = min_narrative_latent_frames()
+        if self.stream and (self.stream < shortest or self.stream % CHUNK_FRAMES):
+            raise ConfigError(f"vae phase {self.values}: stream must be a narrative length, a multiple of "
+                              f"{CHUNK_FRAMES} latent frames and at least {shortest}")  # fmt: skip
 
     @property
     def values(self) -> list[int]:
@@ -214,9 +226,11 @@ def streaming_loss(
     return loss, {**values, "warmup": warmup}
 
 
-def clip_video(seeds: Sequence[int], latent_frames: int) -> torch.Tensor:
-    """Training clips of ``latent_frames`` as VAE input ``[B, 3, 1 + 4 (latent_frames - 1), 64, 64]`` in [-1, 1]."""
-    pixels = [to_model_pixels(clip_from_seed(seed, latent_frames).frames) for seed in seeds]
+def clip_video(seeds: Sequence[int], latent_frames: int, narratives: bool = False) -> torch.Tensor:
+    """Training clips (or narratives) of ``latent_frames`` as VAE input ``[B, 3, 1 + 4 (latent_frames - 1), 64, 64]``
+    in [-1, 1]."""
+    source = narrative_from_seed if narratives else clip_from_seed
+    pixels = [to_model_pixels(source(seed, latent_frames).frames) for seed in seeds]
     return torch.from_numpy(np.stack(pixels)).transpose(1, 2)
 
 
@@ -260,10 +274,10 @@ class VAETrainer:
     def _next_clips(self, phase: Phase) -> torch.Tensor:
         seeds = [self.seeds[(self.seen + i) % len(self.seeds)] for i in range(phase.batch_size)]
         self.seen += phase.batch_size
-        return clip_video(seeds, phase.clip_latent_frames)
+        return clip_video(seeds, phase.clip_latent_frames, narratives=phase.stream > 0)
 
     def _stream_loss(self, phase: Phase) -> tuple[torch.Tensor, dict[str, float]]:
-        """The next window of the streamed clips (new clips and empty caches once they are used up)."""
+        """The next window of the streamed narratives (new ones and empty caches once they are used up)."""
         if self._stream is None or self._stream[1].index >= phase.stream:
             self._stream = (latent_chunks(self._next_clips(phase)), CausalCaches(self.model))
         chunks, caches = self._stream

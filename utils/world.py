@@ -708,6 +708,11 @@ PLANS: dict[str, tuple[tuple[Beat, bool], ...]] = {  # (beat, optional)
 }
 
 
+def min_narrative_latent_frames(chunk_frames: int = CHUNK_FRAMES) -> int:
+    """The shortest narrative any plan fits, in latent frames."""
+    return chunk_frames * min(sum(b.min_chunks for b, opt in beats if not opt) for beats in PLANS.values())
+
+
 def plan_beats(rng: np.random.Generator, num_chunks: int) -> tuple[str, list[Beat], list[int]]:
     """Pick a plan that fits, its optional beats, and each beat's length in chunks (summing to ``num_chunks``)."""
     fitting = [name for name, beats in PLANS.items() if sum(b.min_chunks for b, opt in beats if not opt) <= num_chunks]
