@@ -30,7 +30,7 @@ train-toy: venv
 	bash scripts/train_toy.sh
 
 eval-toy: venv
-	$(BIN)/python scripts/eval_toy.py --narratives 50 --roundtrip
+	$(BIN)/python scripts/eval_toy.py --narratives 100 --roundtrip
 
 golden: venv
 	$(BIN)/python scripts/check_golden.py

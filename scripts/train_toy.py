@@ -106,13 +106,16 @@ def train_vae(argv: list[str]) -> int:
     trainer.save(out)
     vae = WanVAE.from_diffusers(out)
     frames = int(cfg.validation_latent_frames)
-    errors = reconstruction_error(vae, split_seeds("validation", 8), frames)
-    half = len(errors) // 2
+    recon = reconstruction_error(vae, split_seeds("validation", 8), frames)
+    half = len(recon.per_frame) // 2
+    errors = recon.per_frame
     summary = {"val_abs_error_255": float(np.mean(errors)), "val_first_half": float(np.mean(errors[:half])),
-               "val_second_half": float(np.mean(errors[half:])), "latent_std_mean": float(np.mean(std))}  # fmt: skip
+               "val_second_half": float(np.mean(errors[half:])), "val_subjects": recon.subjects,
+               "val_background": recon.background, "latent_std_mean": float(np.mean(std))}  # fmt: skip
     metrics.write(total, total, summary)
     print(f"vae: wrote {out} (validation error over {frames} latent frames {summary['val_abs_error_255']:.2f}/255: "
-          f"first half {summary['val_first_half']:.2f}, second half {summary['val_second_half']:.2f})")  # fmt: skip
+          f"first half {summary['val_first_half']:.2f}, second half {summary['val_second_half']:.2f}; "
+          f"subjects {recon.subjects:.2f}, background {recon.background:.2f})")  # fmt: skip
     return 0
 
 

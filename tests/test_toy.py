@@ -28,6 +28,7 @@ from trainer.vae_train import (
     clip_video,
     foreground_weights,
     latent_chunks,
+    reconstruction_error,
     streaming_loss,
     window_loss,
 )
@@ -59,6 +60,26 @@ def test_vae_trainer_steps_and_saved_model_loads(tmp_path: Path) -> None:
     latents = vae.encode(torch.zeros(1, 5, 3, 64, 64))
     assert latents.shape == (1, 2, 16, 8, 8)
     assert vae.model.config.latents_std == pytest.approx(std)
+
+
+class _EraseSubjects:
+    """A stand-in VAE whose round trip paints every subject pixel in its row's background colour."""
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return video
+
+    def decode(self, video: torch.Tensor) -> torch.Tensor:
+        channels_first = video.transpose(1, 2)
+        background = channels_first.median(dim=-1, keepdim=True).values.expand_as(channels_first)
+        subjects = foreground_weights(channels_first, 1.0) > 1.0
+        return torch.where(subjects, background, channels_first).transpose(1, 2)
+
+
+def test_reconstruction_error_separates_subjects_from_background() -> None:
+    """Erasing the subjects barely moves the per-frame mean but shows fully in the subject error."""
+    recon = reconstruction_error(_EraseSubjects(), [0, 1, 2, 3], 3)
+    assert len(recon.per_frame) == 3 and recon.background == 0.0
+    assert recon.subjects > 50.0 and recon.subjects > 10.0 * max(recon.per_frame)
 
 
 def test_streaming_loss_sees_the_cache_of_a_whole_clip_decode() -> None:
