@@ -107,8 +107,8 @@ def train_vae(argv: list[str]) -> int:
     vae = WanVAE.from_diffusers(out)
     frames = int(cfg.validation_latent_frames)
     recon = reconstruction_error(vae, split_seeds("validation", 8), frames)
-    half = len(recon.per_frame) // 2
     errors = recon.per_frame
+    half = len(errors) // 2
     summary = {"val_abs_error_255": float(np.mean(errors)), "val_first_half": float(np.mean(errors[:half])),
                "val_second_half": float(np.mean(errors[half:])), "val_subjects": recon.subjects,
                "val_background": recon.background, "latent_std_mean": float(np.mean(std))}  # fmt: skip

@@ -30,6 +30,7 @@ from trainer.vae_train import (
     latent_chunks,
     reconstruction_error,
     streaming_loss,
+    subject_mask,
     window_loss,
 )
 from utils.config import load_config
@@ -71,7 +72,7 @@ class _EraseSubjects:
     def decode(self, video: torch.Tensor) -> torch.Tensor:
         channels_first = video.transpose(1, 2)
         background = channels_first.median(dim=-1, keepdim=True).values.expand_as(channels_first)
-        subjects = foreground_weights(channels_first, 1.0) > 1.0
+        subjects = subject_mask(channels_first)
         return torch.where(subjects, background, channels_first).transpose(1, 2)
 
 

@@ -158,13 +158,17 @@ def latent_chunks(video: torch.Tensor) -> list[torch.Tensor]:
     return [video[:, :, :1]] + [video[:, :, 1 + 4 * i : 5 + 4 * i] for i in range((video.shape[2] - 1) // 4)]
 
 
+def subject_mask(video: torch.Tensor) -> torch.Tensor:
+    """``bool [B, 1, T, H, W]`` of a ``[B, 3, T, H, W]`` video: pixels far from their row's median colour."""
+    background = video.median(dim=-1, keepdim=True).values
+    return (video - background).pow(2).sum(1, keepdim=True) > FOREGROUND_DISTANCE**2
+
+
 def foreground_weights(video: torch.Tensor, weight: float) -> torch.Tensor | float:
-    """``1 + weight`` on pixels far from their row's median colour (the subjects), 1 elsewhere."""
+    """``1 + weight`` on the subjects' pixels, 1 elsewhere."""
     if weight == 0:
         return 1.0
-    background = video.median(dim=-1, keepdim=True).values
-    far = (video - background).pow(2).sum(1, keepdim=True) > FOREGROUND_DISTANCE**2
-    return 1.0 + weight * far.to(video.dtype)
+    return 1.0 + weight * subject_mask(video).to(video.dtype)
 
 
 class CausalCaches:
@@ -326,7 +330,7 @@ def reconstruction_error(vae: WanVAE, seeds: Sequence[int], latent_frames: int) 
     video = clip_video(seeds, latent_frames).transpose(1, 2)
     error = (vae.decode(vae.encode(video)).clamp(-1, 1) - video).abs() * 127.5
     per_frame = error.mean(dim=(0, 2, 3, 4))
-    subjects = foreground_weights(video.transpose(1, 2), 1.0).transpose(1, 2) > 1.0
+    subjects = subject_mask(video.transpose(1, 2)).transpose(1, 2)
     pixel_error = error.mean(dim=2, keepdim=True)
     return Reconstruction(
         per_frame=[float(chunk.mean()) for chunk in latent_chunks(per_frame[None, None])],
