@@ -327,10 +327,11 @@ class Reconstruction:
 @torch.no_grad()
 def reconstruction_error(vae: WanVAE, seeds: Sequence[int], latent_frames: int) -> Reconstruction:
     """Encode and decode the clips of ``seeds`` whole (the inference path) and measure the error."""
-    video = clip_video(seeds, latent_frames).transpose(1, 2)
+    clips = clip_video(seeds, latent_frames)
+    video = clips.transpose(1, 2)
     error = (vae.decode(vae.encode(video)).clamp(-1, 1) - video).abs() * 127.5
     per_frame = error.mean(dim=(0, 2, 3, 4))
-    subjects = subject_mask(video.transpose(1, 2)).transpose(1, 2)
+    subjects = subject_mask(clips).transpose(1, 2)
     pixel_error = error.mean(dim=2, keepdim=True)
     return Reconstruction(
         per_frame=[float(chunk.mean()) for chunk in latent_chunks(per_frame[None, None])],

@@ -708,18 +708,23 @@ PLANS: dict[str, tuple[tuple[Beat, bool], ...]] = {  # (beat, optional)
 }
 
 
+def _min_chunks(beats: tuple[tuple[Beat, bool], ...]) -> int:
+    """Chunks a plan needs with every optional beat left out."""
+    return sum(b.min_chunks for b, opt in beats if not opt)
+
+
 def min_narrative_latent_frames(chunk_frames: int = CHUNK_FRAMES) -> int:
     """The shortest narrative any plan fits, in latent frames."""
-    return chunk_frames * min(sum(b.min_chunks for b, opt in beats if not opt) for beats in PLANS.values())
+    return chunk_frames * min(_min_chunks(beats) for beats in PLANS.values())
 
 
 def plan_beats(rng: np.random.Generator, num_chunks: int) -> tuple[str, list[Beat], list[int]]:
     """Pick a plan that fits, its optional beats, and each beat's length in chunks (summing to ``num_chunks``)."""
-    fitting = [name for name, beats in PLANS.items() if sum(b.min_chunks for b, opt in beats if not opt) <= num_chunks]
+    fitting = [name for name, beats in PLANS.items() if _min_chunks(beats) <= num_chunks]
     if not fitting:
         raise ValueError(f"{num_chunks} chunks are too few for any narrative plan")
     name = fitting[int(rng.integers(len(fitting)))]
-    budget = num_chunks - sum(b.min_chunks for b, optional in PLANS[name] if not optional)
+    budget = num_chunks - _min_chunks(PLANS[name])
     beats = []
     for beat, optional in PLANS[name]:
         if optional:
