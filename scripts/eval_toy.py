@@ -1,9 +1,12 @@
 """Held-out evaluation of MemFlow-Tiny per memory mode, scored by the story world's oracle.
 
 usage: python scripts/eval_toy.py [--narratives 50] [--modes none,nam,nam_sma,full] [--frames 36] [--json] [--roundtrip]
+                                  [--split test|validation]
                                   [--config_path configs/toy/interactive_inference.yaml] [key=value ...]
 
-Narratives come from test-split seeds (``split_seeds("test", N)``, disjoint from every training seed).
+Narratives come from test-split seeds (``split_seeds("test", N)``, disjoint from every training seed);
+``--split validation`` draws them from the validation split instead, for choosing settings without
+looking at the test narratives.
 Each is generated with the shipped model through the inference engine: ``StreamingGenerator`` chunk by
 chunk, the prompt switched (with the KV re-cache) at every segment start, each chunk decoded by the
 VAE's streaming decoder; all modes get the same noise. Prints one markdown table (or JSON): per mode the
@@ -149,10 +152,16 @@ def vae_roundtrip(components: Components, narrative: Narrative) -> np.ndarray:
 
 
 def evaluate(
-    cfg_path: str, overrides: Sequence[str], count: int, modes: list[str], frames: int, roundtrip: bool = False
+    cfg_path: str,
+    overrides: Sequence[str],
+    count: int,
+    modes: list[str],
+    frames: int,
+    roundtrip: bool = False,
+    split: str = "test",
 ) -> dict:
     """Generate and score ``count`` held-out narratives in every mode (modes interleaved per narrative)."""
-    seeds = split_seeds("test", count)
+    seeds = split_seeds(split, count)
     try:
         narratives = [narrative_from_seed(seed, frames) for seed in seeds]
     except ValueError as err:
@@ -183,8 +192,8 @@ def evaluate(
             scores[mode].append(oracle.score(narrative, rendered.frames))
             timings[mode].append(rendered.generate_s)
     rows = summarise(scores, timings, int(narratives[0].frames.shape[0]))
-    return {"narratives": count, "latent_frames": frames, "seeds": [seeds[0], seeds[-1]], "config": str(cfg_path),
-            "modes": rows}  # fmt: skip
+    return {"narratives": count, "split": split, "latent_frames": frames, "seeds": [seeds[0], seeds[-1]],
+            "config": str(cfg_path), "overrides": list(overrides), "modes": rows}  # fmt: skip
 
 
 def json_safe(value: object) -> object:
@@ -206,17 +215,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--roundtrip", action="store_true", help="add a row scoring VAE encode-decode of the truth")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing a shared CPU)")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="held-out narratives to score: test (reported) or validation (for choosing settings)")
     args, rest = parser.parse_known_args(argv)
     if args.narratives < 1:
         raise ConfigError(f"--narratives {args.narratives}: give at least 1")
     modes = parse_modes(args.modes)
     config_path, _, overrides = parse_cli(rest, str(DEFAULT_CONFIG), prog="eval_toy.py")
     torch.set_num_threads(args.threads)
-    result = evaluate(config_path, overrides, args.narratives, modes, args.frames, args.roundtrip)
+    result = evaluate(config_path, overrides, args.narratives, modes, args.frames, args.roundtrip, args.split)
     if args.json:
         print(json.dumps(json_safe(result), indent=2, allow_nan=False))
     else:
-        print(f"{args.narratives} held-out narratives (test seeds {result['seeds'][0]}..{result['seeds'][1]}), "
+        print(f"{args.narratives} held-out narratives ({args.split} seeds {result['seeds'][0]}..{result['seeds'][1]}), "
               f"{args.frames} latent frames each\n")  # fmt: skip
         print(markdown(result["modes"]))
     return 0

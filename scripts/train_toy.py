@@ -40,7 +40,7 @@ from trainer.teacher_train import (  # noqa: E402
 from trainer.vae_train import VAESettings, VAETrainer, reconstruction_error  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
 from utils.config import load_config, parse_cli, run_cli, to_container  # noqa: E402
-from utils.world import clip_from_seed, sample_switch_clip, split_seeds  # noqa: E402
+from utils.world import sample_switch_clip, split_seeds, training_clip  # noqa: E402
 
 PROMPT_DIR = ROOT / "prompts" / "toy"
 # Prompt files use training seeds from this offset on, apart from the clips the VAE and teacher see first.
@@ -64,10 +64,11 @@ class MetricsFile:
         print(f"[{self.stage}] step {step}/{total} {shown} ({elapsed:.0f} s)", flush=True)
 
 
-def write_prompts(count: int) -> list[Path]:
-    """Training prompts: clip prompts (stage 1, ODE init) and switch pairs (stage 2), training seeds only."""
+def write_prompts(count: int, latent_frames: int, return_fraction: float) -> list[Path]:
+    """Training prompts: clip prompts (stage 1, ODE init; the teacher's mix of clips and return clips) and
+    switch pairs (stage 2), training seeds only."""
     seeds = split_seeds("train", count, offset=PROMPT_SEED_OFFSET)
-    single = [clip_from_seed(seed, 3).text for seed in seeds]
+    single = [training_clip(seed, latent_frames, return_fraction).text for seed in seeds]
     pairs = [sample_switch_clip(np.random.default_rng([seed, 3]), 12).segments for seed in seeds]
     files = {
         "train.txt": single,
@@ -137,7 +138,7 @@ def train_teacher(argv: list[str]) -> int:
         encoder = TextEncoder.from_minilm(text_len=int(overrides_dit["text_len"]))
         seeds = split_seeds("train", int(cfg.num_clips))
         build_latent_cache(WanVAE.from_diffusers(vae_dir), encoder, seeds, int(cfg.clip_latent_frames),
-                           str(cfg.uncond_prompt), cache_path)  # fmt: skip
+                           str(cfg.uncond_prompt), cache_path, float(cfg.return_fraction))  # fmt: skip
         print(f"teacher: encoded {len(seeds)} clips into {cache_path} in {time.perf_counter() - start:.0f} s")
     settings = TeacherSettings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
     trainer = TeacherTrainer(settings, load_latent_cache(cache_path))
@@ -181,8 +182,10 @@ def package(argv: list[str]) -> int:
     for part in ("vae/config.json", f"vae/{WEIGHTS_FILE}", f"transformer/{WEIGHTS_FILE}"):
         (out / part).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(release / part, out / part)
-    timings = json.loads(Path(args.timings).read_text()) if args.timings else {}
-    note = {"command": args.command, "git_commit": git_commit(), "stage_seconds": timings,
+    stages = json.loads(Path(args.timings).read_text()) if args.timings else {}
+    note = {"command": args.command, "git_commit": git_commit(),
+            "stage_seconds": {name: stage["seconds"] for name, stage in stages.items()},
+            "stage_commits": {name: stage["commit"] for name, stage in stages.items()},
             "files": {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()
                       and p.name != "RELEASE.json"}}  # fmt: skip
     with atomic_path(out / "RELEASE.json") as tmp:
@@ -197,7 +200,8 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "prompts":
         count = int(rest[1]) if rest[:1] == ["--count"] and len(rest) == 2 else 2000
-        for path in write_prompts(count):
+        teacher = load_config(ROOT / "configs/toy/teacher.yaml")
+        for path in write_prompts(count, int(teacher.clip_latent_frames), float(teacher.return_fraction)):
             print(f"prompts: wrote {path}")
         return 0
     return {"vae": train_vae, "teacher": train_teacher, "package": package}[command](rest)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Trains MemFlow-Tiny from scratch on the story world (2 CPU cores) and copies the release into
 # checkpoints/memflow-tiny/. Stage by stage, each skipped when its output already exists (rerun to resume):
-#   0. prompts   training prompts of training-split seeds      -> prompts/toy/{train,switch_first,switch_second}.txt
+#   0. prompts   training prompts of training-split seeds, clips and return clips mixed as the teacher's
+#                                                               -> prompts/toy/{train,switch_first,switch_second}.txt
 #   1. vae       tiny AutoencoderKLWan on short windows (configs/toy/vae.yaml)   -> logs/toy/vae_base/
 #      vae_long  the same tuned on whole streamed 36-latent clips (configs/toy/vae_long.yaml) -> logs/toy/release/vae/
-#   2. teacher   bidirectional DiT, flow matching on cached VAE latents (configs/toy/teacher.yaml)
+#   2. teacher   bidirectional DiT, flow matching on cached VAE latents of clips and return clips
+#                (a subject named by none of its attributes, a cut away, its return; configs/toy/teacher.yaml)
 #                                                               -> logs/toy/release/transformer/
 #   3. ode_init  teacher ODE pairs + causal regression (scripts/train.py, configs/toy/ode_init.yaml)
 #                                                               -> logs/toy/ode_init/base.pt
@@ -13,7 +15,8 @@
 #                                                               -> logs/toy/train_long/lora.pt
 #   6. package   stage-1 generator + merged stage-2 LoRA, VAE and teacher as safetensors, RELEASE.json
 #                                                               -> checkpoints/memflow-tiny/
-# Logs: logs/toy/<stage>.log; wall seconds per stage: logs/toy/timings.json.
+# Logs: logs/toy/<stage>.log; wall seconds and git commit per stage: logs/toy/timings.json (RELEASE.json repeats them,
+# so a release resumed on stages of an earlier run says which commit trained each part).
 # usage: bash scripts/train_toy.sh [OUT_DIR]    (default checkpoints/memflow-tiny)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,12 +30,12 @@ mkdir -p "$LOGS"
 [ -f "$TIMINGS" ] || echo '{}' > "$TIMINGS"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"  # all of a 2-core machine; set 1 when sharing it
 
-record() {  # record STAGE SECONDS into timings.json
-    "$PYTHON" - "$TIMINGS" "$1" "$2" <<'EOF'
+record() {  # record STAGE SECONDS and the commit that ran it into timings.json
+    "$PYTHON" - "$TIMINGS" "$1" "$2" "$(git rev-parse HEAD 2>/dev/null || echo unknown)" <<'EOF'
 import json, sys
-path, stage, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+path, stage, seconds, commit = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 data = json.load(open(path))
-data[stage] = seconds
+data[stage] = {"seconds": seconds, "commit": commit}
 json.dump(data, open(path, "w"), indent=2)
 EOF
 }

@@ -108,6 +108,26 @@ def test_prompts_vary():
     assert len(openings) >= 15  # varied sentence structure, not one template
 
 
+def test_return_clips_bring_back_a_subject_only_the_frames_identify():
+    for seed in range(40):
+        clip = world.return_clip_from_seed(seed, 9)
+        assert np.array_equal(clip.frames, world.return_clip_from_seed(seed, 9).frames)
+        assert clip.frames.shape == (33, 64, 64, 3) and len(clip.shots) == 3
+        first, away, back = clip.shots
+        (x,) = first.actors
+        assert [a.subject for a in back.actors] == [x.subject]  # unchanged, size included
+        assert all(a.subject.shape != x.subject.shape for a in away.actors)
+        assert any(phrase in clip.text.lower() for phrase in world.UNNAMED)
+        words = clip.text
+        for phrase in (p for options in world.SCENE_WORDS.values() for p in options):
+            words = words.replace(phrase, "")
+        for table, name in ((world.SHAPE_WORDS, x.subject.shape), (world.COLOUR_WORDS, x.subject.colour)):
+            assert not any(word in words for word in table[name]), clip.text
+    picked = [world.training_clip(seed, 9, 0.4) for seed in range(200)]
+    assert 0.3 < np.mean([len(c.shots) == 3 for c in picked]) < 0.5
+    assert world.training_clip(7, 9).text == world.clip_from_seed(7, 9).text
+
+
 def test_motions_stay_smooth_and_in_frame(narratives):
     for n in narratives:
         for segment, shot in zip(n.segments, n.shots, strict=True):
@@ -167,10 +187,10 @@ def test_clips_and_switch_clips():
     for seed in range(30):
         clip = world.clip_from_seed(seed, 9)
         assert clip.frames.shape == (33, 64, 64, 3)
-        for actor in clip.shot.actors:
+        for actor in clip.shots[0].actors:
             assert actor.subject.colour in clip.text
-        if len(clip.shot.actors) == 2:  # the two subjects keep to different halves, never sharing rows
-            (_, ya, ra), (_, yb, rb) = (a.motion.trajectory(33) for a in clip.shot.actors)
+        if len(clip.shots[0].actors) == 2:  # the two subjects keep to different halves, never sharing rows
+            (_, ya, ra), (_, yb, rb) = (a.motion.trajectory(33) for a in clip.shots[0].actors)
             assert ((ya + ra <= 32) & (yb - rb >= 32)).all()
     kinds = set()
     for seed in range(30):

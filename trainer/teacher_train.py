@@ -23,7 +23,7 @@ from memflow.scheduler import FlowMatchScheduler
 from memflow.text import TextEncoder
 from memflow.vae import WanVAE
 from utils.atomic import atomic_path
-from utils.world import clip_from_seed, to_model_pixels
+from utils.world import to_model_pixels, training_clip
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -36,12 +36,16 @@ def build_latent_cache(
     latent_frames: int,
     uncond_prompt: str,
     path: Path,
+    return_fraction: float = 0.0,
     batch_size: int = 16,
 ) -> Path:
-    """Encode the clips of ``seeds`` and their prompts once; writes ``latents``, ``context``, ``uncond``."""
+    """Encode the clips of ``seeds`` and their prompts once; writes ``latents``, ``context``, ``uncond``.
+
+    A ``return_fraction`` of the seeds give return clips (:func:`utils.world.training_clip`).
+    """
     latents, texts = [], []
     for start in range(0, len(seeds), batch_size):
-        clips = [clip_from_seed(seed, latent_frames) for seed in seeds[start : start + batch_size]]
+        clips = [training_clip(seed, latent_frames, return_fraction) for seed in seeds[start : start + batch_size]]
         latents.append(vae.encode(torch.from_numpy(np.stack([to_model_pixels(c.frames) for c in clips]))))
         texts += [clip.text for clip in clips]
     context = torch.cat([encoder.encode(texts[i : i + 64]) for i in range(0, len(texts), 64)])

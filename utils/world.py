@@ -8,7 +8,9 @@ project's VAE layout ``[T, 3, H, W]`` float in ``[-1, 1]``.
 A subject has an identity (shape, colour, pattern) and a size class; a scene is a static background.
 Subjects follow smooth motions (eased positions as continuous functions of time). Three sampled units:
 
-- :class:`Clip` - one prompt, one scene, 0-2 subjects, one action each (teacher / VAE training);
+- :class:`Clip` - one prompt, one scene, 0-2 subjects, one action each (teacher / VAE training); or,
+  from :func:`sample_return_clip`, one prompt over a subject named by none of its attributes, a cut away
+  and its return (teacher training: a returning subject's identity is fixed only by earlier frames);
 - :class:`Narrative` with two segments - :func:`sample_switch_clip` (prompt-switch training);
 - :class:`Narrative` with 4-6 segments - :func:`sample_narrative`, the evaluation unit. Every narrative
   contains a subject that is introduced after the first chunk, disappears for at least 12 latent
@@ -406,11 +408,20 @@ def _outside(edge: str, x: float, y: float, r: float) -> tuple[float, float]:
     ]
 
 
+def _enter_depth(r: float, num_frames: int) -> float:
+    """How far past the edge an entering subject's centre may settle (the eased travel peaks at 1.5 x mean)."""
+    return MAX_SPEED * 0.8 * _steps(num_frames) / 1.5 - r - 1.0
+
+
+def can_enter(r: float, num_frames: int) -> bool:
+    """Whether a subject of half extent ``r`` can come fully into view within ``num_frames``."""
+    return _enter_depth(r, num_frames) >= r + 1.0
+
+
 def enter_motion(rng: np.random.Generator, edge: str, r: float, num_frames: int) -> Motion:
     """Come in from just outside ``edge`` and settle fully inside within 80 % of the segment."""
-    reach = MAX_SPEED * 0.8 * _steps(num_frames) / 1.5  # largest distance the eased travel may cover
-    depth = reach - r - 1.0  # how far past the edge the centre may settle
-    if depth < r + 1.0:
+    depth = _enter_depth(r, num_frames)
+    if not can_enter(r, num_frames):
         raise ValueError(f"{num_frames} frames are too few to enter with half extent {r}")
     along = float(rng.uniform(r + 1.0, SIZE - r - 1.0))
     inward = float(rng.uniform(r + 1.0, min(depth, SIZE / 2.0 + 8.0)))
@@ -473,6 +484,7 @@ ACTION_WORDS = {
     "leave": ("leaves the frame to the {edge}", "exits on the {edge}", "moves out of view to the {edge}"),
 }
 ADVERBS = ("slowly", "gently", "smoothly", "steadily")
+UNNAMED = ("a shape", "a creature", "something", "a figure")  # a subject named by none of its attributes
 
 
 class Phrases:
@@ -528,11 +540,11 @@ def _sentence(text: str) -> str:
 
 @dataclass(frozen=True)
 class Clip:
-    """A single-prompt training clip: ``frames`` is ``uint8 [1 + 4 (n - 1), 64, 64, 3]``."""
+    """A single-prompt training clip: ``frames`` is ``uint8 [1 + 4 (n - 1), 64, 64, 3]``, rendered from ``shots``."""
 
     text: str
     frames: np.ndarray
-    shot: Shot
+    shots: tuple[Shot, ...]
 
 
 def random_subject(rng: np.random.Generator, avoid: tuple[Subject, ...] = ()) -> Subject:
@@ -572,7 +584,7 @@ def sample_clip(rng: np.random.Generator, num_latent_frames: int) -> Clip:
     else:
         text = f"{_sentence(' while '.join(clauses))} in {where}."
     shot = Shot(scene, tuple(actors))
-    return Clip(text, render(shot, num_frames), shot)
+    return Clip(text, render(shot, num_frames), (shot,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -815,19 +827,22 @@ class NarrativeBuilder:
             prompt = p.pick((f"{_sentence(where)} stretches out, calm and empty.", f"A quiet view of {where}.",
                              f"The camera shows {where} with nothing in it.",
                              f"An empty stretch of {where} under soft light."))
-        elif kind in ("introduce", "new", "cut_introduce", "cut_new"):
+        elif kind in ("introduce", "glimpse", "new", "cut_introduce", "cut_new"):
             if kind.startswith("cut") or not w.scene:
                 w.scene = w.new_scene()
                 stated_background = True
             sid = w.new_subject()
-            if w.rng.random() < 0.5:
+            if kind != "glimpse" and w.rng.random() < 0.5 and can_enter(SIZES[w.sizes[sid]], num_frames):
                 motions[sid] = self._enter(sid, num_frames)
             else:
                 w.present[sid] = random_pose(w.rng, SIZES[w.sizes[sid]])
                 motions[sid] = self._in_frame(sid, num_frames, allow_size_change=False)
-            who, stated[sid] = self._describe(sid, True, motions[sid])
+            if kind == "glimpse":
+                who, stated[sid] = p.pick(UNNAMED), ()
+            else:
+                who, stated[sid] = self._describe(sid, True, motions[sid])
             does = p.action(motions[sid])
-            if kind == "introduce":
+            if kind in ("introduce", "glimpse"):
                 if stated_background or w.rng.random() < 0.5:
                     stated_background = True
                     prompt = p.pick((f"In {p.scene(w.scene)}, {who} {does}.", f"{_sentence(who)} {does} in "
@@ -856,6 +871,20 @@ class NarrativeBuilder:
             prompt = p.pick((f"The scene changes to {where}, where nothing moves.", f"Cut to {where}; it is empty "
                              f"and calm.", f"Now we see {where}, with no one around.",
                              f"The view switches to an empty stretch of {where}."))
+        elif kind == "reappear":  # X shows again in place: a one-chunk return, too short to enter
+            sid = 0
+            returning.append(sid)
+            w.present[sid] = random_pose(w.rng, SIZES[w.sizes[sid]])
+            motions[sid] = self._in_frame(sid, num_frames, allow_size_change=False)
+            does = p.action(motions[sid])
+            again = p.pick((f"the same creature is back and {does}", f"the shape from before reappears and {does}",
+                            f"our old friend is back; it {does}"))
+            revisiting = bool(len(w.present) > 1 or w.rng.random() < 0.5)
+            if revisiting:
+                w.scene = w.scenes_used[-2]
+                prompt = f"Back where it was first seen, {again}."
+            else:
+                prompt = f"{_sentence(again)}."
         elif kind in ("return", "revisit_return"):
             sid = 0  # X, the first subject, always comes back
             returning.append(sid)
@@ -907,7 +936,7 @@ class NarrativeBuilder:
                 stated: dict[int, tuple[str, ...]], stated_background: bool, returning: list[int], revisiting: bool,
                 previous_scene: str) -> None:
         w = self.world
-        if kind in ("cut", "cut_introduce", "cut_new", "revisit_return"):
+        if kind in ("cut", "cut_introduce", "cut_new", "revisit_return", "reappear"):
             w.present = {sid: pose for sid, pose in w.present.items() if sid in motions}
         actors = tuple(Actor(sid, w.current(sid), m) for sid, m in motions.items())
         expected = {sid: w.current(sid) for sid in motions}
@@ -984,6 +1013,28 @@ def sample_switch_clip(rng: np.random.Generator, num_latent_frames: int, chunk_f
     return builder.build(f"switch_{second}", num_latent_frames)
 
 
+def sample_return_clip(rng: np.random.Generator, num_latent_frames: int, chunk_frames: int = CHUNK_FRAMES) -> Clip:
+    """A subject named by none of its attributes, a cut away from it, its return: one prompt of three sentences.
+
+    Nothing in the text fixes the returning subject's colour, shape, pattern or size, only its earlier
+    frames do: a teacher trained on these learns that a subject referred back to comes back unchanged,
+    the in-context persistence a memory bank serves at inference. The cut shows an empty scene, or a
+    different subject in a new scene followed by a return to the first scene. The subject stays in frame
+    (``glimpse``, ``reappear``): one chunk is too short to enter at every size.
+    """
+    num_chunks = _check_length(num_latent_frames, chunk_frames)
+    if num_chunks < 3:
+        raise ValueError("a return clip needs at least 3 chunks")
+    first, second = sorted(int(c) * chunk_frames for c in rng.choice(np.arange(1, num_chunks), 2, replace=False))
+    builder = NarrativeBuilder(rng, chunk_frames)
+    builder.beat("glimpse", 0, first)
+    away = "cut" if rng.random() < 0.6 else "cut_new"
+    builder.beat(away, first, second)
+    builder.beat("reappear", second, num_latent_frames)
+    story = builder.build(f"return_clip_{away}", num_latent_frames)
+    return Clip(" ".join(s.prompt for s in story.segments), story.frames, story.shots)
+
+
 def narrative_from_seed(seed: int, num_latent_frames: int, chunk_frames: int = CHUNK_FRAMES) -> Narrative:
     """The narrative of a seed (its split follows from :func:`split_of`)."""
     return sample_narrative(np.random.default_rng([seed, 1]), num_latent_frames, chunk_frames, seed)
@@ -992,3 +1043,15 @@ def narrative_from_seed(seed: int, num_latent_frames: int, chunk_frames: int = C
 def clip_from_seed(seed: int, num_latent_frames: int) -> Clip:
     """The training clip of a seed."""
     return sample_clip(np.random.default_rng([seed, 2]), num_latent_frames)
+
+
+def return_clip_from_seed(seed: int, num_latent_frames: int) -> Clip:
+    """The return clip of a seed (:func:`sample_return_clip`)."""
+    return sample_return_clip(np.random.default_rng([seed, 4]), num_latent_frames)
+
+
+def training_clip(seed: int, num_latent_frames: int, return_fraction: float = 0.0) -> Clip:
+    """A seed's teacher / distillation clip: its return clip with probability ``return_fraction``, else its clip."""
+    if return_fraction > 0 and np.random.default_rng([seed, 5]).random() < return_fraction:
+        return return_clip_from_seed(seed, num_latent_frames)
+    return clip_from_seed(seed, num_latent_frames)
