@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Trains MemFlow-Tiny from scratch on the story world (2 CPU cores) and copies the release into
 # checkpoints/memflow-tiny/. Stage by stage, each skipped when its output already exists (rerun to resume):
-#   0. prompts   training prompts of training-split seeds, clips and return clips mixed as the teacher's
+#   0. prompts   training prompts of training-split seeds (clip prompts, return clips mixed in as the teacher's)
 #                                                               -> prompts/toy/{train,switch_first,switch_second}.txt
 #   1. vae       tiny AutoencoderKLWan on short windows (configs/toy/vae.yaml)   -> logs/toy/vae_base/
 #      vae_long  the same tuned on whole streamed 36-latent clips (configs/toy/vae_long.yaml) -> logs/toy/release/vae/
-#   2. teacher   bidirectional DiT, flow matching on cached VAE latents of clips and return clips
-#                (a subject named by none of its attributes, a cut away, its return; configs/toy/teacher.yaml)
+#   2. teacher   bidirectional DiT, flow matching on cached VAE latents of clips (and of return clips when
+#                return_fraction > 0: a subject named by none of its attributes, a cut away, its return;
+#                configs/toy/teacher.yaml)
 #                                                               -> logs/toy/release/transformer/
 #   3. ode_init  teacher ODE pairs + causal regression (scripts/train.py, configs/toy/ode_init.yaml)
 #                                                               -> logs/toy/ode_init/base.pt
