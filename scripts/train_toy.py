@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,14 @@ class MetricsFile:
         self.handle.flush()
         shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
         print(f"[{self.stage}] step {step}/{total} {shown} ({elapsed:.0f} s)", flush=True)
+
+
+def return_fraction(cfg: DictConfig) -> float:
+    """The teacher config's ``return_fraction``, checked to be a share."""
+    value = float(cfg.return_fraction)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"return_fraction={value}: give a share of clips between 0 and 1")
+    return value
 
 
 def write_prompts(count: int, latent_frames: int, return_fraction: float) -> list[Path]:
@@ -123,6 +132,7 @@ def train_vae(argv: list[str]) -> int:
 def train_teacher(argv: list[str]) -> int:
     config_path, _, overrides = parse_cli(argv, str(ROOT / "configs/toy/teacher.yaml"), prog="train_toy.py teacher")
     cfg = load_config(config_path, overrides)
+    fraction = return_fraction(cfg)
     out = Path(cfg.output)
     if (out / WEIGHTS_FILE).is_file():
         print(f"teacher: {out / WEIGHTS_FILE} exists, stage already done")
@@ -138,7 +148,7 @@ def train_teacher(argv: list[str]) -> int:
         encoder = TextEncoder.from_minilm(text_len=int(overrides_dit["text_len"]))
         seeds = split_seeds("train", int(cfg.num_clips))
         build_latent_cache(WanVAE.from_diffusers(vae_dir), encoder, seeds, int(cfg.clip_latent_frames),
-                           str(cfg.uncond_prompt), cache_path, float(cfg.return_fraction))  # fmt: skip
+                           str(cfg.uncond_prompt), cache_path, fraction)  # fmt: skip
         print(f"teacher: encoded {len(seeds)} clips into {cache_path} in {time.perf_counter() - start:.0f} s")
     settings = TeacherSettings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
     trainer = TeacherTrainer(settings, load_latent_cache(cache_path))
@@ -201,7 +211,7 @@ def main(argv: list[str]) -> int:
     if command == "prompts":
         count = int(rest[1]) if rest[:1] == ["--count"] and len(rest) == 2 else 2000
         teacher = load_config(ROOT / "configs/toy/teacher.yaml")
-        for path in write_prompts(count, int(teacher.clip_latent_frames), float(teacher.return_fraction)):
+        for path in write_prompts(count, int(teacher.clip_latent_frames), return_fraction(teacher)):
             print(f"prompts: wrote {path}")
         return 0
     return {"vae": train_vae, "teacher": train_teacher, "package": package}[command](rest)

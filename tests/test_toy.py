@@ -34,6 +34,7 @@ from trainer.vae_train import (
     window_loss,
 )
 from utils.config import load_config
+from utils.world import return_clip_from_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
@@ -174,6 +175,16 @@ def test_latent_cache_holds_clips_and_prompts(tmp_path: Path) -> None:
     assert cache["latents"].shape == (2, 3, 16, 8, 8)
     assert cache["context"].shape == (2, 8, 384) and cache["uncond"].shape == (1, 8, 384)
     assert cache["seeds"].tolist() == [3, 4]
+    returns = load_latent_cache(build_latent_cache(vae, encoder, [3], 9, "", tmp_path / "returns.safetensors", 1.0))
+    assert returns["latents"].shape == (1, 9, 16, 8, 8)
+    assert torch.equal(returns["context"], encoder.encode([return_clip_from_seed(3, 9).text]))
+
+
+def test_teacher_rejects_a_return_fraction_outside_zero_one_and_writes_nothing(tmp_path: Path) -> None:
+    proc = run_script("scripts/train_toy.py", "teacher", "return_fraction=1.5", f"output={tmp_path / 'out'}",
+                      f"cache_path={tmp_path / 'cache.safetensors'}", f"metrics={tmp_path / 'metrics.jsonl'}")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "return_fraction" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(not (SHIPPED / "generator.safetensors").is_file(),
@@ -209,9 +220,10 @@ def test_demo_refuses_a_training_seed_and_writes_nothing(tmp_path: Path) -> None
 
 def test_eval_prints_json_per_mode(tmp_path: Path) -> None:
     proc = run_script("scripts/eval_toy.py", "--narratives", "1", "--modes", "none,nam", "--frames", "27", "--json",
-                      *RANDOM_WEIGHTS)  # fmt: skip
+                      "--split", "validation", *RANDOM_WEIGHTS)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
+    assert result["split"] == "validation" and result["seeds"] == [900_000, 900_000]
     assert set(result["modes"]) == {"ground_truth", "none", "nam"}
     assert result["modes"]["none"]["fps_vs_none"] == 1.0 and result["modes"]["nam"]["generate_fps"] > 0
     assert result["modes"]["nam"]["identity_vs_none"]["pairs"] in (0, 1)
