@@ -13,6 +13,8 @@ VAE's streaming decoder; all modes get the same noise. Prints one markdown table
 oracle's means and the generation speed (DiT only; the decode is the same for every mode) relative to
 ``none`` measured in the same run. A ``ground_truth`` row scores the world's own videos and, with
 ``--roundtrip``, a ``vae_roundtrip`` row their VAE encode-decode (what a perfect generator could reach).
+For the modes with a memory bank, ``bank_recall`` says whether memory even held the returning subject:
+the share of layers whose bank, at the return, holds a latent frame showing it in the true video.
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ from pipeline.inference import Components, build_components, plan_run  # noqa: E
 from pipeline.streaming import StreamingGenerator  # noqa: E402
 from utils.config import load_config, parse_cli, run_cli  # noqa: E402
 from utils.oracle import Oracle, aggregate  # noqa: E402
-from utils.world import Narrative, from_model_pixels, narrative_from_seed, split_seeds, to_model_pixels  # noqa: E402
+from utils.world import (  # noqa: E402
+    Narrative,
+    from_model_pixels,
+    narrative_from_seed,
+    pixel_frame,
+    split_seeds,
+    to_model_pixels,
+)
 
 DEFAULT_CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
 METRICS = ("identity_consistency", "background_consistency", "adherence", "duplicate_rate", "smoothness")
@@ -47,11 +56,26 @@ METRICS = ("identity_consistency", "background_consistency", "adherence", "dupli
 
 @dataclasses.dataclass
 class Rendered:
-    """A generated narrative as uint8 frames [T, 64, 64, 3], with its generation and decode seconds."""
+    """A generated narrative as uint8 frames [T, 64, 64, 3], its generation and decode seconds, and its
+    :func:`bank_recall` (NaN without a bank)."""
 
     frames: np.ndarray
     generate_s: float
     decode_s: float
+    bank_recall: float = math.nan
+
+
+def bank_recall(narrative: Narrative, trace: dict) -> float:
+    """Share of layers whose bank, at the first chunk of a memory subject's return, holds a latent frame in
+    which the true video shows that subject; averaged over the narrative's memory tests (NaN without any)."""
+    banks = {chunk["start_frame"]: chunk["bank"] for chunk in trace["chunks"]}
+    shares = []
+    for segment in narrative.segments:
+        for sid in segment.memory_subjects:
+            shown = {f for f in range(segment.start)
+                     if narrative.visible[pixel_frame(f) : pixel_frame(f + 1), sid].any()}  # fmt: skip
+            shares.append(np.mean([any(f in shown for f in layer) for layer in banks[segment.start]]))
+    return float(np.mean(shares)) if shares else math.nan
 
 
 class NarrativeRenderer:
@@ -59,7 +83,7 @@ class NarrativeRenderer:
 
     def __init__(self, components: Components, stream: StreamConfig, latent_size: tuple[int, int]):
         self.components = components
-        self.generator = StreamingGenerator(components.dit, stream)
+        self.generator = StreamingGenerator(components.dit, stream, trace=stream.memory in ("nam", "nam_sma"))
         self.latent_size = latent_size
 
     @torch.no_grad()
@@ -83,7 +107,8 @@ class NarrativeRenderer:
             pixels.append(decoder.decode(x0)[0].float().numpy())
             decode_s += time.perf_counter() - t1
             generate_s += t1 - t0
-        return Rendered(from_model_pixels(np.concatenate(pixels)), generate_s, decode_s)
+        recall = bank_recall(narrative, gen.memory_trace()) if gen.trace else math.nan
+        return Rendered(from_model_pixels(np.concatenate(pixels)), generate_s, decode_s, recall)
 
 
 def parse_modes(text: str) -> list[str]:
@@ -135,11 +160,12 @@ def markdown(rows: dict[str, dict]) -> str:
         return f"{value['mean']:+.3f} ± {value['se']:.3f} ({value['wins']:.0f}:{value['losses']:.0f})"
 
     head = ("| mode | identity consistency | background consistency | adherence | duplicate rate | smoothness "
-            "| generation FPS | FPS vs none | identity - none ± SE (wins:losses) |")  # fmt: skip
-    lines = [head, "|" + "---|" * 9]
+            "| generation FPS | FPS vs none | identity - none ± SE (wins:losses) | subject in bank |")  # fmt: skip
+    lines = [head, "|" + "---|" * 10]
     for mode, row in rows.items():
         lines.append("| " + " | ".join([mode, *(cell(row.get(k)) for k in METRICS), cell(row.get("generate_fps"), 1),
-                                        cell(row.get("fps_vs_none"), 2), paired(row.get("identity_vs_none"))])
+                                        cell(row.get("fps_vs_none"), 2), paired(row.get("identity_vs_none")),
+                                        cell(row.get("bank_recall"), 2)])
                      + " |")  # fmt: skip
     return "\n".join(lines)
 
@@ -189,7 +215,7 @@ def evaluate(
         # the order rotates so that slow drifts of a shared CPU hit every mode alike
         for mode in modes[index % len(modes) :] + modes[: index % len(modes)]:
             rendered = renderers[mode].render(narrative, embeddings, int(narrative.seed))
-            scores[mode].append(oracle.score(narrative, rendered.frames))
+            scores[mode].append({**oracle.score(narrative, rendered.frames), "bank_recall": rendered.bank_recall})
             timings[mode].append(rendered.generate_s)
     rows = summarise(scores, timings, int(narratives[0].frames.shape[0]))
     return {"narratives": count, "split": split, "latent_frames": frames, "seeds": [seeds[0], seeds[-1]],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +36,7 @@ from trainer.vae_train import (
     window_loss,
 )
 from utils.config import load_config
-from utils.world import return_clip_from_seed
+from utils.world import narrative_from_seed, pixel_frame, return_clip_from_seed, split_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
@@ -224,17 +226,36 @@ def test_eval_prints_json_per_mode(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["split"] == "validation" and result["seeds"] == [900_000, 900_000]
+    assert 0.0 <= result["modes"]["nam"]["bank_recall"] <= 1.0 and result["modes"]["none"]["bank_recall"] is None
     assert set(result["modes"]) == {"ground_truth", "none", "nam"}
     assert result["modes"]["none"]["fps_vs_none"] == 1.0 and result["modes"]["nam"]["generate_fps"] > 0
     assert result["modes"]["nam"]["identity_vs_none"]["pairs"] in (0, 1)
     assert result["modes"]["ground_truth"]["adherence"] > 0.9
 
 
-def test_paired_identity_difference_counts_wins_and_skips_untested_narratives(monkeypatch) -> None:
+def load_eval_toy(monkeypatch):
     spec = importlib.util.spec_from_file_location("eval_toy", ROOT / "scripts" / "eval_toy.py")
     eval_toy = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "eval_toy", eval_toy)  # its dataclasses look their module up there
     spec.loader.exec_module(eval_toy)
+    return eval_toy
+
+
+def test_bank_recall_counts_layers_whose_bank_shows_the_returning_subject(monkeypatch) -> None:
+    eval_toy = load_eval_toy(monkeypatch)
+    narrative = narrative_from_seed(split_seeds("test", 1)[0], 36)
+    (segment,) = [s for s in narrative.segments if s.memory_subjects]
+    (sid,) = segment.memory_subjects
+    shown = [f for f in range(segment.start) if narrative.visible[pixel_frame(f) : pixel_frame(f + 1), sid].any()]
+    hidden = [f for f in range(segment.start) if f not in shown]
+    banks = [[hidden[0], shown[0]], [hidden[0]], [], [shown[-1]]]  # layers 0 and 3 hold the subject
+    trace = {"chunks": [{"start_frame": 0, "bank": [[]] * 4}, {"start_frame": segment.start, "bank": banks}]}
+    assert eval_toy.bank_recall(narrative, trace) == 0.5
+    assert math.isnan(eval_toy.bank_recall(dataclasses.replace(narrative, segments=narrative.segments[:1]), trace))
+
+
+def test_paired_identity_difference_counts_wins_and_skips_untested_narratives(monkeypatch) -> None:
+    eval_toy = load_eval_toy(monkeypatch)
     key = "identity_consistency"
     mode = [{key: 1.0}, {key: 2 / 3}, {key: 0.0}, {key: float("nan")}]
     none = [{key: 0.0}, {key: 2 / 3}, {key: 1 / 3}, {key: 1.0}]
