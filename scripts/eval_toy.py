@@ -83,7 +83,7 @@ class NarrativeRenderer:
 
     def __init__(self, components: Components, stream: StreamConfig, latent_size: tuple[int, int]):
         self.components = components
-        self.generator = StreamingGenerator(components.dit, stream, trace=stream.memory in ("nam", "nam_sma"))
+        self.generator = StreamingGenerator(components.dit, stream, trace=stream.uses_bank)
         self.latent_size = latent_size
 
     @torch.no_grad()
