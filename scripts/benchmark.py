@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 
@@ -45,19 +44,14 @@ from pipeline.inference import (  # noqa: E402
     vae_spatial_stride,
 )
 from pipeline.streaming import StreamingGenerator  # noqa: E402
-from utils.config import load_config, run_cli  # noqa: E402
+from utils.config import ScriptParser, load_config, run_cli  # noqa: E402
 
 MODES = ("none", "nam", "nam_sma")
 VAE_OF_PRESET = {"tiny": "tiny", "wan2.1-t2v-1.3b": "wan2.1"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message}; see python scripts/benchmark.py --help")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="benchmark.py", description=__doc__.split("\n")[0])
+    parser = ScriptParser(prog="benchmark.py", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(VAE_OF_PRESET), default="tiny")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 32 tiny, 480 otherwise)")

@@ -11,7 +11,6 @@ narrative's segment starts, then scores the video with the oracle and writes ``<
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from memflow.errors import ConfigError  # noqa: E402
 from pipeline.inference import VideoRunner, build_components, plan_run  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
-from utils.config import load_config, parse_cli, run_cli  # noqa: E402
+from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
 from utils.oracle import Oracle  # noqa: E402
 from utils.world import from_model_pixels, narrative_from_seed, split_of, split_seeds  # noqa: E402
 
@@ -51,7 +50,7 @@ def narrative_overrides(seed: int, frames: int, folder: Path) -> tuple[list[str]
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="demo.py")
+    parser = ScriptParser(prog="demo.py")
     parser.add_argument("--seed", type=int, default=split_seeds("test", 1)[0])
     parser.add_argument("--frames", type=int, default=36, help="latent frames (whole 3-frame chunks, >= 27)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing a shared CPU)")

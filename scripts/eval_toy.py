@@ -19,7 +19,6 @@ the share of layers whose bank, at the return, holds a latent frame showing it i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -39,7 +38,7 @@ from memflow.config import MEMORY_MODES, StreamConfig  # noqa: E402
 from memflow.errors import ConfigError  # noqa: E402
 from pipeline.inference import Components, build_components, plan_run  # noqa: E402
 from pipeline.streaming import StreamingGenerator  # noqa: E402
-from utils.config import load_config, parse_cli, run_cli  # noqa: E402
+from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
 from utils.oracle import Oracle, aggregate  # noqa: E402
 from utils.world import (  # noqa: E402
     Narrative,
@@ -234,7 +233,7 @@ def json_safe(value: object) -> object:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="eval_toy.py", add_help=True)
+    parser = ScriptParser(prog="eval_toy.py")
     parser.add_argument("--narratives", type=int, default=50)
     parser.add_argument("--modes", default="none,nam,nam_sma,full")
     parser.add_argument("--frames", type=int, default=36, help="latent frames per narrative (whole chunks, >= 27)")

@@ -11,7 +11,6 @@ Each stage writes its result atomically, so a finished stage is recognised by it
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -40,7 +39,7 @@ from trainer.teacher_train import (  # noqa: E402
 )
 from trainer.vae_train import VAESettings, VAETrainer, reconstruction_error  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
-from utils.config import load_config, parse_cli, run_cli, to_container  # noqa: E402
+from utils.config import ScriptParser, load_config, parse_cli, run_cli, to_container  # noqa: E402
 from utils.world import sample_switch_clip, split_seeds, training_clip  # noqa: E402
 
 PROMPT_DIR = ROOT / "prompts" / "toy"
@@ -172,7 +171,7 @@ def git_commit() -> str:
 
 def package(argv: list[str]) -> int:
     """Merge stage 1's generator with stage 2's LoRA and copy the release (safetensors + note) to ``--out``."""
-    parser = argparse.ArgumentParser(prog="train_toy.py package")
+    parser = ScriptParser(prog="train_toy.py package")
     for name in ("--release", "--stage1", "--stage2", "--out", "--command", "--timings"):
         parser.add_argument(name, required=name != "--timings")
     args = parser.parse_args(argv)

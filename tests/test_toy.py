@@ -269,3 +269,5 @@ def test_paired_identity_difference_counts_wins_and_skips_untested_narratives(mo
 def test_eval_rejects_unknown_mode() -> None:
     proc = run_script("scripts/eval_toy.py", "--modes", "none,bogus", *RANDOM_WEIGHTS)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --modes")
+    proc = run_script("scripts/eval_toy.py", "--split", "train", *RANDOM_WEIGHTS)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--split" in proc.stderr

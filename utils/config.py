@@ -41,6 +41,13 @@ class _RaisingParser(argparse.ArgumentParser):
         raise ConfigError(f"command line: {message}; usage: {self.prog} {_USAGE}")
 
 
+class ScriptParser(argparse.ArgumentParser):
+    """A script's own options: a bad one is one ConfigError line pointing at ``--help``, not argparse's usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message}; see python scripts/{self.prog} --help")
+
+
 def parse_cli(
     argv: Sequence[str], default_config: str | None = None, prog: str | None = None
 ) -> tuple[str | None, dict[str, Any], list[str]]:
