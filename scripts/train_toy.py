@@ -37,7 +37,7 @@ from trainer.teacher_train import (  # noqa: E402
     build_latent_cache,
     load_latent_cache,
 )
-from trainer.vae_train import VAESettings, VAETrainer, reconstruction_error  # noqa: E402
+from trainer.vae_train import VAESettings, VAETrainer, colour_probe, reconstruction_error  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli, to_container  # noqa: E402
 from utils.world import sample_switch_clip, split_seeds, training_clip  # noqa: E402
@@ -116,15 +116,18 @@ def train_vae(argv: list[str]) -> int:
     vae = WanVAE.from_diffusers(out)
     frames = int(cfg.validation_latent_frames)
     recon = reconstruction_error(vae, split_seeds("validation", 8), frames)
+    probe = colour_probe(vae, split_seeds("validation", 300))
     errors = recon.per_frame
     half = len(errors) // 2
     summary = {"val_abs_error_255": float(np.mean(errors)), "val_first_half": float(np.mean(errors[:half])),
                "val_second_half": float(np.mean(errors[half:])), "val_subjects": recon.subjects,
-               "val_background": recon.background, "latent_std_mean": float(np.mean(std))}  # fmt: skip
+               "val_background": recon.background, "val_colour_probe": probe.accuracy,
+               "val_colour_chance": probe.chance, "latent_std_mean": float(np.mean(std))}  # fmt: skip
     metrics.write(total, total, summary)
     print(f"vae: wrote {out} (validation error over {frames} latent frames {summary['val_abs_error_255']:.2f}/255: "
           f"first half {summary['val_first_half']:.2f}, second half {summary['val_second_half']:.2f}; "
-          f"subjects {recon.subjects:.2f}, background {recon.background:.2f})")  # fmt: skip
+          f"subjects {recon.subjects:.2f}, background {recon.background:.2f}; subject colour read from the latents "
+          f"{probe.accuracy:.2f}, chance {probe.chance:.2f})")  # fmt: skip
     return 0
 
 

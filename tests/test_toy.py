@@ -28,6 +28,7 @@ from trainer.vae_train import (
     VAESettings,
     VAETrainer,
     clip_video,
+    colour_probe,
     foreground_weights,
     latent_chunks,
     reconstruction_error,
@@ -64,6 +65,44 @@ def test_vae_trainer_steps_and_saved_model_loads(tmp_path: Path) -> None:
     latents = vae.encode(torch.zeros(1, 5, 3, 64, 64))
     assert latents.shape == (1, 2, 16, 8, 8)
     assert vae.model.config.latents_std == pytest.approx(std)
+
+
+class _PooledPixels:
+    """A stand-in VAE whose latents are the first frame's 8x8-pooled pixels: they keep every subject's colour."""
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(video[:, 0], 8)[:, None]
+
+
+class _Noise:
+    """A stand-in VAE whose latents ignore the video."""
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(0)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return torch.randn(video.shape[0], 1, 16, 8, 8, generator=self.generator)
+
+
+def test_colour_probe_reads_colour_only_from_latents_that_carry_it() -> None:
+    seeds = split_seeds("validation", 60)
+    kept, lost = colour_probe(_PooledPixels(), seeds), colour_probe(_Noise(), seeds)
+    assert kept.subjects == lost.subjects > 40 and kept.chance == lost.chance < 0.3
+    assert kept.accuracy > 0.8 and lost.accuracy < kept.accuracy - 0.5
+    with pytest.raises(ValueError, match="more seeds"):
+        colour_probe(_PooledPixels(), seeds[:3])
+
+
+def test_posterior_mean_decoding_is_deterministic() -> None:
+    """``sample_posterior: false`` trains on the latents inference uses; a sample would differ call to call."""
+    video = clip_video([3], 2)
+    losses = {}
+    for sample in (True, False):
+        settings = VAESettings(base_dim=4, phases=((1, 1, 2, 0),), sample_posterior=sample)
+        torch.manual_seed(0)
+        model = AutoencoderKLWan(**settings.model_config())
+        losses[sample] = [streaming_loss(model, video, 0, settings)[0].item() for _ in range(2)]
+    assert losses[False][0] == losses[False][1] and losses[True][0] != losses[True][1]
 
 
 class _EraseSubjects:

@@ -40,11 +40,13 @@ from utils import oracle
 from utils.atomic import atomic_path
 from utils.world import (
     CHUNK_FRAMES,
+    COLOURS,
     clip_from_seed,
     min_narrative_latent_frames,
     narrative_from_seed,
     split_seeds,
     to_model_pixels,
+    visibility,
 )
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -104,6 +106,8 @@ class VAESettings:
     all their steps (1: constant). Windows of at least 3 latent frames train every cache regime of the
     decoder's temporal upsamplers (skipped on the first frame, zero history on the second, a real
     cache from the third on); a warm-up from the first step keeps the deep-video state in distribution.
+    ``sample_posterior: false`` decodes the posterior mean (what inference encodes) instead of a sample,
+    whose noise can drown what small subjects look like (see :func:`colour_probe`).
     """
 
     base_dim: int = 16
@@ -116,6 +120,7 @@ class VAESettings:
     kl_weight: float = 1e-6
     stats_clips: int = 32
     seed: int = 0
+    sample_posterior: bool = True
 
     def __post_init__(self) -> None:
         phases = tuple(p if isinstance(p, Phase) else Phase(*(int(v) for v in p)) for p in self.phases)
@@ -202,7 +207,7 @@ def window_loss(
     recon, kl = [], []
     for chunk in chunks:
         posterior = caches.encode(chunk)
-        recon.append(caches.decode(posterior.sample()))
+        recon.append(caches.decode(posterior.sample() if settings.sample_posterior else posterior.mode()))
         kl.append(posterior.kl().mean() / posterior.mean[0].numel())
     target = torch.cat(list(chunks), dim=2)
     error = torch.cat(recon, dim=2) - target
@@ -337,4 +342,50 @@ def reconstruction_error(vae: WanVAE, seeds: Sequence[int], latent_frames: int) 
         per_frame=[float(chunk.mean()) for chunk in latent_chunks(per_frame[None, None])],
         subjects=float(pixel_error[subjects].mean()),
         background=float(pixel_error[~subjects].mean()),
+    )
+
+
+@dataclass(frozen=True)
+class ColourProbe:
+    """How well a subject's colour can be read from the latent vector at its centre: the accuracy of a
+    k-nearest-neighbour vote over reference subjects on held-out ones, against always answering the
+    reference's commonest colour. Latents that do not carry the colour cap every generator and every memory
+    policy: no decoder can redraw what the encoder dropped."""
+
+    accuracy: float
+    chance: float
+    subjects: int
+
+
+@torch.no_grad()
+def colour_probe(vae: WanVAE, seeds: Sequence[int], neighbours: int = 5) -> ColourProbe:
+    """Probe the first-frame latents of the training clips of ``seeds`` (the first two thirds of the subjects
+    are the reference, the rest are scored)."""
+    features, colours = [], []
+    names = list(COLOURS)
+    for seed in seeds:
+        clip = clip_from_seed(seed, MIN_CLIP_LATENT_FRAMES)
+        shot, frames = clip.shots[0], clip.frames.shape[0]
+        latents = vae.encode(torch.from_numpy(to_model_pixels(clip.frames[:1]))[None])[0, 0].float()
+        stride = clip.frames.shape[1] // latents.shape[-1]
+        for actor, shown in zip(shot.actors, visibility(shot, frames)[0], strict=True):
+            if shown:
+                x, y, _ = (float(v[0]) for v in actor.motion.trajectory(frames))
+                row, col = (min(max(int(v // stride), 0), latents.shape[-1] - 1) for v in (y, x))
+                features.append(latents[:, row, col])
+                colours.append(names.index(actor.subject.colour))
+    if len(colours) < 3 * neighbours:
+        raise ValueError(f"{len(colours)} visible subjects in {len(seeds)} clips; the probe needs more seeds")
+    x, labels = torch.stack(features), torch.tensor(colours)
+    split = 2 * len(labels) // 3
+    reference = x[:split]
+    scaled = (x - reference.mean(0)) / reference.std(0).clamp_min(1e-6)
+    nearest = torch.cdist(scaled[split:], scaled[:split]).topk(neighbours, largest=False).indices
+    votes = torch.nn.functional.one_hot(labels[:split][nearest], len(names)).sum(1)
+    commonest = torch.bincount(labels[:split], minlength=len(names)).argmax()
+    held_out = labels[split:]
+    return ColourProbe(
+        accuracy=float((votes.argmax(1) == held_out).float().mean()),
+        chance=float((held_out == commonest).float().mean()),
+        subjects=len(labels),
     )
