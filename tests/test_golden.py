@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import GOLDEN, ROOT, require
 from utils.golden import run_dit_forward, run_flow_scheduler, run_streaming, trace_mismatches
@@ -24,8 +26,13 @@ def test_dit_forward(golden_dir):
     assert run_dit_forward(golden_dir)["output"] <= ATOL
 
 
-def test_flow_scheduler_is_bitwise(golden_dir):
-    assert all(err == 0.0 for err in run_flow_scheduler(golden_dir).values())
+def test_flow_scheduler_matches_to_float32_rounding(golden_dir):
+    """Within 4 float32 ulps of each tensor's largest value. Not bitwise: ``exp`` rounds differently with
+    the CPU's vector kernels (on an AVX-512 machine 25 of the 1000 loss weights differ by one ulp from the
+    golden file's), so bitwise equality held on some CI machines and not on others."""
+    golden = load_file(golden_dir / "flow_scheduler.safetensors")
+    for name, err in run_flow_scheduler(golden_dir).items():
+        assert err <= 4 * torch.finfo(torch.float32).eps * golden[name].abs().max().item(), name
 
 
 @pytest.mark.parametrize("name", STREAMING)
