@@ -361,18 +361,21 @@ class ColourProbe:
 def colour_probe(vae: WanVAE, seeds: Sequence[int], neighbours: int = 5) -> ColourProbe:
     """Probe the first-frame latents of the training clips of ``seeds`` (the first two thirds of the subjects
     are the reference, the rest are scored)."""
+    clips = [clip_from_seed(seed, MIN_CLIP_LATENT_FRAMES) for seed in seeds]
+    first = torch.from_numpy(np.stack([to_model_pixels(clip.frames[:1]) for clip in clips]))
+    latents = vae.encode(first)[:, 0].float()  # [N, C, h, w]
+    height, width = latents.shape[-2:]
+    stride_y, stride_x = first.shape[-2] // height, first.shape[-1] // width
     features, colours = [], []
     names = list(COLOURS)
-    for seed in seeds:
-        clip = clip_from_seed(seed, MIN_CLIP_LATENT_FRAMES)
+    for clip, latent in zip(clips, latents, strict=True):
         shot, frames = clip.shots[0], clip.frames.shape[0]
-        latents = vae.encode(torch.from_numpy(to_model_pixels(clip.frames[:1]))[None])[0, 0].float()
-        stride = clip.frames.shape[1] // latents.shape[-1]
         for actor, shown in zip(shot.actors, visibility(shot, frames)[0], strict=True):
             if shown:
                 x, y, _ = (float(v[0]) for v in actor.motion.trajectory(frames))
-                row, col = (min(max(int(v // stride), 0), latents.shape[-1] - 1) for v in (y, x))
-                features.append(latents[:, row, col])
+                row = min(max(int(y // stride_y), 0), height - 1)
+                col = min(max(int(x // stride_x), 0), width - 1)
+                features.append(latent[:, row, col])
                 colours.append(names.index(actor.subject.colour))
     if len(colours) < 3 * neighbours:
         raise ValueError(f"{len(colours)} visible subjects in {len(seeds)} clips; the probe needs more seeds")
