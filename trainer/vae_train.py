@@ -59,7 +59,9 @@ FOREGROUND_DISTANCE = oracle.FOREGROUND_DISTANCE / 127.5
 class Phase:
     """A stretch of training: ``steps`` of ``batch_size`` clips, each step training a ``window`` of latent frames.
 
-    With ``stream == 0`` every step draws fresh clips and a warm-up of ``0..max_warmup`` latent frames.
+    With ``stream == 0`` every step draws fresh clips and a warm-up of ``0..max_warmup`` latent frames;
+    ``window == 1`` with no warm-up trains on the clips' first frames alone, as images (the causal
+    convolutions see only their zero padding in time): the cheap phase in which small subjects are learnt.
     With ``stream > 0`` the batch streams training-split narratives of ``stream`` latent frames (scene
     cuts included, as generated videos have them) one window per step, the causal caches carried
     (detached) from step to step: every depth of a long video is trained, at the cost of the window
@@ -78,9 +80,6 @@ class Phase:
             if getattr(self, name) < low:
                 raise ConfigError(f"vae phase {self.values}: {name} must be >= {low} "
                                   "(phases are [steps, batch_size, window, max_warmup, stream])")  # fmt: skip
-        if self.window + self.max_warmup < MIN_CLIP_LATENT_FRAMES:
-            raise ConfigError(f"vae phase {self.values}: window + max_warmup must be >= "
-                              f"{MIN_CLIP_LATENT_FRAMES} latent frames (the world's shortest clip)")  # fmt: skip
         if self.stream and (self.max_warmup or self.stream % self.window):
             raise ConfigError(f"vae phase {self.values}: a streaming phase needs max_warmup 0 and stream a "
                               "multiple of window")  # fmt: skip
@@ -95,7 +94,8 @@ class Phase:
 
     @property
     def clip_latent_frames(self) -> int:
-        return self.stream or self.max_warmup + self.window
+        """Latent frames drawn per clip (at least the world's shortest clip; a step may use fewer)."""
+        return self.stream or max(self.max_warmup + self.window, MIN_CLIP_LATENT_FRAMES)
 
 
 @dataclass(frozen=True)
