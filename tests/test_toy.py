@@ -67,6 +67,17 @@ def test_vae_trainer_steps_and_saved_model_loads(tmp_path: Path) -> None:
     assert vae.model.config.latents_std == pytest.approx(std)
 
 
+def test_image_phase_trains_on_first_frames_alone() -> None:
+    """A window of 1 latent frame without warm-up decodes each clip's first frame, once: an image step."""
+    settings = VAESettings(base_dim=4, phases=((1, 2, 1, 0),), sample_posterior=False)
+    trainer = VAETrainer(settings, seeds=[3, 4])
+    decoded = []
+    handle = trainer.model.decoder.register_forward_hook(lambda module, args, output: decoded.append(output.shape))
+    values = trainer.step()
+    handle.remove()
+    assert decoded == [(2, 3, 1, 64, 64)] and values["warmup"] == 0 and np.isfinite(values["loss"])
+
+
 class _PooledPixels:
     """A stand-in VAE whose latents are the first frame's 8x8-pooled pixels: they keep every subject's colour."""
 
