@@ -40,7 +40,7 @@ from trainer.teacher_train import (  # noqa: E402
 from trainer.vae_train import VAESettings, VAETrainer, colour_probe, reconstruction_error  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli, to_container  # noqa: E402
-from utils.world import sample_switch_clip, split_seeds, training_clip  # noqa: E402
+from utils.world import CHUNK_FRAMES, sample_switch_clip, split_seeds, training_clip  # noqa: E402
 
 PROMPT_DIR = ROOT / "prompts" / "toy"
 # Prompt files use training seeds from this offset on, apart from the clips the VAE and teacher see first.
@@ -72,11 +72,21 @@ def return_fraction(cfg: DictConfig) -> float:
     return value
 
 
-def write_prompts(count: int, latent_frames: int, return_fraction: float) -> list[Path]:
+def return_gap(cfg: DictConfig) -> int:
+    """The teacher config's ``return_gap``, checked to fit its return clips."""
+    gap, frames = int(cfg.return_gap), int(cfg.clip_latent_frames)
+    chunk = CHUNK_FRAMES
+    if gap < 0 or (gap > 0 and frames < chunk * (-(-gap // chunk) + 3)):
+        raise ConfigError(f"return_gap={gap}: give 0, or a gap that leaves {frames}-frame clips an empty opening "
+                          f"chunk, a sighting and a return (at most {frames - 3 * chunk})")
+    return gap
+
+
+def write_prompts(count: int, latent_frames: int, return_fraction: float, return_gap: int = 0) -> list[Path]:
     """Training prompts: clip prompts (stage 1, ODE init; the teacher's mix of clips and return clips) and
     switch pairs (stage 2), training seeds only."""
     seeds = split_seeds("train", count, offset=PROMPT_SEED_OFFSET)
-    single = [training_clip(seed, latent_frames, return_fraction).text for seed in seeds]
+    single = [training_clip(seed, latent_frames, return_fraction, return_gap).text for seed in seeds]
     pairs = [sample_switch_clip(np.random.default_rng([seed, 3]), 12).segments for seed in seeds]
     files = {
         "train.txt": single,
@@ -150,7 +160,7 @@ def train_teacher(argv: list[str]) -> int:
         encoder = TextEncoder.from_minilm(text_len=int(overrides_dit["text_len"]))
         seeds = split_seeds("train", int(cfg.num_clips))
         build_latent_cache(WanVAE.from_diffusers(vae_dir), encoder, seeds, int(cfg.clip_latent_frames),
-                           str(cfg.uncond_prompt), cache_path, fraction)  # fmt: skip
+                           str(cfg.uncond_prompt), cache_path, fraction, return_gap(cfg))  # fmt: skip
         print(f"teacher: encoded {len(seeds)} clips into {cache_path} in {time.perf_counter() - start:.0f} s")
     settings = TeacherSettings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
     trainer = TeacherTrainer(settings, load_latent_cache(cache_path))
@@ -213,7 +223,8 @@ def main(argv: list[str]) -> int:
     if command == "prompts":
         count = int(rest[1]) if rest[:1] == ["--count"] and len(rest) == 2 else 2000
         teacher = load_config(ROOT / "configs/toy/teacher.yaml")
-        for path in write_prompts(count, int(teacher.clip_latent_frames), return_fraction(teacher)):
+        for path in write_prompts(count, int(teacher.clip_latent_frames), return_fraction(teacher),
+                                  return_gap(teacher)):
             print(f"prompts: wrote {path}")
         return 0
     return {"vae": train_vae, "teacher": train_teacher, "package": package}[command](rest)

@@ -128,6 +128,22 @@ def test_return_clips_bring_back_a_subject_only_the_frames_identify():
     assert world.training_clip(7, 9).text == world.clip_from_seed(7, 9).text
 
 
+def test_return_clips_with_a_gap_keep_the_subject_out_of_sink_and_window():
+    gap, frames, chunk = 9, 21, world.CHUNK_FRAMES  # 7 chunks: empty opening, 2 chunks seen, 3 away, the return
+    for seed in range(20):
+        clip = world.return_clip_from_seed(seed, frames, gap)
+        opening, seen, away, back = clip.shots
+        (x,) = seen.actors
+        assert not opening.actors and [a.subject for a in back.actors] == [x.subject]
+        assert x.subject not in [a.subject for a in away.actors]
+        assert clip.frames.shape[0] == world.num_pixel_frames(frames)
+        start, end = world.pixel_frame(frames - chunk - gap), world.pixel_frame(frames - chunk)
+        assert np.array_equal(clip.frames[start:end], world.render(away, end - start))  # the cut fills the gap
+        assert np.array_equal(clip.frames[: world.pixel_frame(chunk)], world.render(opening, world.pixel_frame(chunk)))
+    with pytest.raises(ValueError, match="gap"):
+        world.return_clip_from_seed(0, 12, gap)
+
+
 def test_motions_stay_smooth_and_in_frame(narratives):
     for n in narratives:
         for segment, shot in zip(n.segments, n.shots, strict=True):

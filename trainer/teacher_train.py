@@ -37,15 +37,18 @@ def build_latent_cache(
     uncond_prompt: str,
     path: Path,
     return_fraction: float = 0.0,
+    return_gap: int = 0,
     batch_size: int = 16,
 ) -> Path:
     """Encode the clips of ``seeds`` and their prompts once; writes ``latents``, ``context``, ``uncond``.
 
-    A ``return_fraction`` of the seeds give return clips (:func:`utils.world.training_clip`).
+    A ``return_fraction`` of the seeds give return clips with a cut of ``return_gap`` frames
+    (:func:`utils.world.training_clip`).
     """
     latents, texts = [], []
     for start in range(0, len(seeds), batch_size):
-        clips = [training_clip(seed, latent_frames, return_fraction) for seed in seeds[start : start + batch_size]]
+        batch = seeds[start : start + batch_size]
+        clips = [training_clip(seed, latent_frames, return_fraction, return_gap) for seed in batch]
         latents.append(vae.encode(torch.from_numpy(np.stack([to_model_pixels(c.frames) for c in clips]))))
         texts += [clip.text for clip in clips]
     context = torch.cat([encoder.encode(texts[i : i + 64]) for i in range(0, len(texts), 64)])

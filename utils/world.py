@@ -1013,7 +1013,9 @@ def sample_switch_clip(rng: np.random.Generator, num_latent_frames: int, chunk_f
     return builder.build(f"switch_{second}", num_latent_frames)
 
 
-def sample_return_clip(rng: np.random.Generator, num_latent_frames: int, chunk_frames: int = CHUNK_FRAMES) -> Clip:
+def sample_return_clip(
+    rng: np.random.Generator, num_latent_frames: int, chunk_frames: int = CHUNK_FRAMES, gap: int = 0
+) -> Clip:
     """A subject named by none of its attributes, a cut away from it, its return: one prompt of three sentences.
 
     Nothing in the text fixes the returning subject's colour, shape, pattern or size, only its earlier
@@ -1021,13 +1023,27 @@ def sample_return_clip(rng: np.random.Generator, num_latent_frames: int, chunk_f
     the in-context persistence a memory bank serves at inference. The cut shows an empty scene, or a
     different subject in a new scene followed by a return to the first scene. The subject stays in frame
     (``glimpse``, ``reappear``): one chunk is too short to enter at every size.
+
+    ``gap`` > 0 makes the return a memory test like a narrative's: the clip opens with one empty chunk
+    (the frame sink never shows the subject), the subject is seen up to the cut, the cut lasts ``gap``
+    latent frames rounded up to whole chunks (set it to the local window, so the subject has left the
+    window when it returns) and the return is the last chunk.
     """
     num_chunks = _check_length(num_latent_frames, chunk_frames)
-    if num_chunks < 3:
-        raise ValueError("a return clip needs at least 3 chunks")
-    first, second = sorted(int(c) * chunk_frames for c in rng.choice(np.arange(1, num_chunks), 2, replace=False))
     builder = NarrativeBuilder(rng, chunk_frames)
-    builder.beat("glimpse", 0, first)
+    if gap > 0:
+        away_chunks = -(-gap // chunk_frames)
+        if num_chunks < away_chunks + 3:
+            raise ValueError(f"a return clip with a {gap}-frame gap needs at least {away_chunks + 3} chunks")
+        second = (num_chunks - 1) * chunk_frames
+        first = second - away_chunks * chunk_frames
+        builder.beat("establish", 0, chunk_frames)
+        builder.beat("glimpse", chunk_frames, first)
+    else:
+        if num_chunks < 3:
+            raise ValueError("a return clip needs at least 3 chunks")
+        first, second = sorted(int(c) * chunk_frames for c in rng.choice(np.arange(1, num_chunks), 2, replace=False))
+        builder.beat("glimpse", 0, first)
     away = "cut" if rng.random() < 0.6 else "cut_new"
     builder.beat(away, first, second)
     builder.beat("reappear", second, num_latent_frames)
@@ -1045,13 +1061,13 @@ def clip_from_seed(seed: int, num_latent_frames: int) -> Clip:
     return sample_clip(np.random.default_rng([seed, 2]), num_latent_frames)
 
 
-def return_clip_from_seed(seed: int, num_latent_frames: int) -> Clip:
+def return_clip_from_seed(seed: int, num_latent_frames: int, gap: int = 0) -> Clip:
     """The return clip of a seed (:func:`sample_return_clip`)."""
-    return sample_return_clip(np.random.default_rng([seed, 4]), num_latent_frames)
+    return sample_return_clip(np.random.default_rng([seed, 4]), num_latent_frames, gap=gap)
 
 
-def training_clip(seed: int, num_latent_frames: int, return_fraction: float = 0.0) -> Clip:
+def training_clip(seed: int, num_latent_frames: int, return_fraction: float = 0.0, return_gap: int = 0) -> Clip:
     """A seed's teacher / distillation clip: its return clip with probability ``return_fraction``, else its clip."""
     if return_fraction > 0 and np.random.default_rng([seed, 5]).random() < return_fraction:
-        return return_clip_from_seed(seed, num_latent_frames)
+        return return_clip_from_seed(seed, num_latent_frames, return_gap)
     return clip_from_seed(seed, num_latent_frames)
