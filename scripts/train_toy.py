@@ -77,8 +77,8 @@ def return_gap(cfg: DictConfig) -> int:
     gap, frames = int(cfg.return_gap), int(cfg.clip_latent_frames)
     chunk = CHUNK_FRAMES
     if gap < 0 or (gap > 0 and frames < chunk * (-(-gap // chunk) + 3)):
-        raise ConfigError(f"return_gap={gap}: give 0, or a gap that leaves {frames}-frame clips an empty opening "
-                          f"chunk, a sighting and a return (at most {frames - 3 * chunk})")
+        raise ConfigError(f"return_gap={gap}: give 0, or at most {frames - 3 * chunk} for {frames}-frame clips (an "
+                          f"empty opening chunk, a sighting and a return take the rest); raise clip_latent_frames")
     return gap
 
 
@@ -144,7 +144,7 @@ def train_vae(argv: list[str]) -> int:
 def train_teacher(argv: list[str]) -> int:
     config_path, _, overrides = parse_cli(argv, str(ROOT / "configs/toy/teacher.yaml"), prog="train_toy.py teacher")
     cfg = load_config(config_path, overrides)
-    fraction = return_fraction(cfg)
+    fraction, gap = return_fraction(cfg), return_gap(cfg)
     out = Path(cfg.output)
     if (out / WEIGHTS_FILE).is_file():
         print(f"teacher: {out / WEIGHTS_FILE} exists, stage already done")
@@ -160,7 +160,7 @@ def train_teacher(argv: list[str]) -> int:
         encoder = TextEncoder.from_minilm(text_len=int(overrides_dit["text_len"]))
         seeds = split_seeds("train", int(cfg.num_clips))
         build_latent_cache(WanVAE.from_diffusers(vae_dir), encoder, seeds, int(cfg.clip_latent_frames),
-                           str(cfg.uncond_prompt), cache_path, fraction, return_gap(cfg))  # fmt: skip
+                           str(cfg.uncond_prompt), cache_path, fraction, gap)  # fmt: skip
         print(f"teacher: encoded {len(seeds)} clips into {cache_path} in {time.perf_counter() - start:.0f} s")
     settings = TeacherSettings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
     trainer = TeacherTrainer(settings, load_latent_cache(cache_path))

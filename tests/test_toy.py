@@ -232,10 +232,12 @@ def test_latent_cache_holds_clips_and_prompts(tmp_path: Path) -> None:
     assert torch.equal(returns["context"], encoder.encode([return_clip_from_seed(3, 9).text]))
 
 
-def test_teacher_rejects_a_return_fraction_outside_zero_one_and_writes_nothing(tmp_path: Path) -> None:
-    proc = run_script("scripts/train_toy.py", "teacher", "return_fraction=1.5", f"output={tmp_path / 'out'}",
+@pytest.mark.parametrize("bad", ["return_fraction=1.5", "return_gap=12"])
+def test_teacher_rejects_bad_return_clip_settings_and_writes_nothing(tmp_path: Path, bad: str) -> None:
+    proc = run_script("scripts/train_toy.py", "teacher", bad, f"output={tmp_path / 'out'}",
                       f"cache_path={tmp_path / 'cache.safetensors'}", f"metrics={tmp_path / 'metrics.jsonl'}")
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "return_fraction" in proc.stderr
+    field = bad.split("=")[0]
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and field in proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 
