@@ -40,7 +40,13 @@ from trainer.teacher_train import (  # noqa: E402
 from trainer.vae_train import VAESettings, VAETrainer, colour_probe, reconstruction_error  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli, to_container  # noqa: E402
-from utils.world import CHUNK_FRAMES, sample_switch_clip, split_seeds, training_clip  # noqa: E402
+from utils.world import (  # noqa: E402
+    CHUNK_FRAMES,
+    min_return_clip_latent_frames,
+    sample_switch_clip,
+    split_seeds,
+    training_clip,
+)
 
 PROMPT_DIR = ROOT / "prompts" / "toy"
 # Prompt files use training seeds from this offset on, apart from the clips the VAE and teacher see first.
@@ -75,10 +81,10 @@ def return_fraction(cfg: DictConfig) -> float:
 def return_gap(cfg: DictConfig) -> int:
     """The teacher config's ``return_gap``, checked to fit its return clips."""
     gap, frames = int(cfg.return_gap), int(cfg.clip_latent_frames)
-    chunk = CHUNK_FRAMES
-    if gap < 0 or (gap > 0 and frames < chunk * (-(-gap // chunk) + 3)):
-        raise ConfigError(f"return_gap={gap}: give 0, or at most {frames - 3 * chunk} for {frames}-frame clips (an "
-                          f"empty opening chunk, a sighting and a return take the rest); raise clip_latent_frames")
+    if gap < 0 or (gap > 0 and frames < min_return_clip_latent_frames(gap)):
+        longest = frames - 3 * CHUNK_FRAMES
+        raise ConfigError(f"return_gap={gap}: give 0, or at most {longest} for {frames}-frame clips (an empty "
+                          f"opening chunk, a sighting and a return take the rest); raise clip_latent_frames")
     return gap
 
 

@@ -1013,10 +1013,16 @@ def sample_switch_clip(rng: np.random.Generator, num_latent_frames: int, chunk_f
     return builder.build(f"switch_{second}", num_latent_frames)
 
 
+def min_return_clip_latent_frames(gap: int, chunk_frames: int = CHUNK_FRAMES) -> int:
+    """The shortest return clip with a ``gap``: an opening chunk, a sighting, the cut, the return."""
+    return chunk_frames * (-(-gap // chunk_frames) + 3)
+
+
 def sample_return_clip(
     rng: np.random.Generator, num_latent_frames: int, chunk_frames: int = CHUNK_FRAMES, gap: int = 0
 ) -> Clip:
-    """A subject named by none of its attributes, a cut away from it, its return: one prompt of three sentences.
+    """A subject named by none of its attributes, a cut away from it, its return: one prompt of three sentences
+    (four with a ``gap``).
 
     Nothing in the text fixes the returning subject's colour, shape, pattern or size, only its earlier
     frames do: a teacher trained on these learns that a subject referred back to comes back unchanged,
@@ -1026,14 +1032,14 @@ def sample_return_clip(
 
     ``gap`` > 0 makes the return a memory test like a narrative's: the clip opens with one empty chunk
     (the frame sink never shows the subject), the subject is seen up to the cut, the cut lasts ``gap``
-    latent frames rounded up to whole chunks (set it to the local window, so the subject has left the
-    window when it returns) and the return is the last chunk.
+    latent frames rounded up to whole chunks (set it to the local window's recent frames, so the subject
+    has left the window when it returns) and the return is the last chunk.
     """
     num_chunks = _check_length(num_latent_frames, chunk_frames)
     builder = NarrativeBuilder(rng, chunk_frames)
     if gap > 0:
         away_chunks = -(-gap // chunk_frames)
-        if num_chunks < away_chunks + 3:
+        if num_latent_frames < min_return_clip_latent_frames(gap, chunk_frames):
             raise ValueError(f"a return clip with a {gap}-frame gap needs at least {away_chunks + 3} chunks")
         second = (num_chunks - 1) * chunk_frames
         first = second - away_chunks * chunk_frames
