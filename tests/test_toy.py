@@ -37,7 +37,8 @@ from trainer.vae_train import (
     window_loss,
 )
 from utils.config import load_config
-from utils.world import narrative_from_seed, pixel_frame, return_clip_from_seed, split_seeds
+from utils.oracle import Oracle
+from utils.world import narrative_from_seed, pixel_frame, return_clip_from_seed, return_story_from_seed, split_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
@@ -323,3 +324,40 @@ def test_eval_rejects_unknown_mode() -> None:
     assert proc.returncode == 2 and proc.stderr.startswith("error: --modes")
     proc = run_script("scripts/eval_toy.py", "--split", "train", *RANDOM_WEIGHTS)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--split" in proc.stderr
+
+
+def load_probe_teacher(monkeypatch):
+    spec = importlib.util.spec_from_file_location("probe_teacher", ROOT / "scripts" / "probe_teacher.py")
+    probe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "probe_teacher", probe)
+    spec.loader.exec_module(probe)
+    return probe
+
+
+def test_teacher_probe_scores_truth_perfectly_and_a_spliced_return_as_chance(monkeypatch) -> None:
+    probe = load_probe_teacher(monkeypatch)
+    oracle = Oracle()
+    stories = [return_story_from_seed(seed, 21, 9) for seed in split_seeds("validation", 6)]
+    truth = probe.score(oracle, stories, [s.frames for s in stories])
+    assert truth["identity_consistency"] == 1.0 and truth["sighting_presence"] == truth["return_presence"] == 1.0
+    spliced = probe.splice([s.frames for s in stories], stories)
+    assert all(np.array_equal(v[: s.segments[-1].pixel_start], s.frames[: s.segments[-1].pixel_start])
+               for v, s in zip(spliced, stories, strict=True))  # fmt: skip
+    assert probe.score(oracle, stories, spliced)["identity_consistency"] < 0.5
+
+
+def test_teacher_probe_prints_json_rows(tmp_path: Path) -> None:
+    proc = run_script("scripts/probe_teacher.py", "--clips", "2", "--frames", "9", "--gap", "0", "--steps", "2",
+                      "--json", *RANDOM_WEIGHTS)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert set(result["rows"]) == {"teacher", "teacher_spliced", "vae_roundtrip"}
+    assert all(0.0 <= v <= 1.0 for row in result["rows"].values() for v in row.values())
+    assert result["sampler"]["steps"] == 2 and result["teacher_vs_spliced"]["wins"] <= 2
+
+
+@pytest.mark.parametrize("args, field", [(["--clips", "1"], "--clips"), (["--frames", "12", "--gap", "9"], "--gap"),
+                                         (["--steps", "0"], "--steps")])  # fmt: skip
+def test_teacher_probe_rejects_bad_arguments_in_one_line(args: list[str], field: str) -> None:
+    proc = run_script("scripts/probe_teacher.py", *args, *RANDOM_WEIGHTS)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and field in proc.stderr

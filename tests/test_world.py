@@ -144,6 +144,16 @@ def test_return_clips_with_a_gap_keep_the_subject_out_of_sink_and_window():
         world.return_clip_from_seed(0, 12, gap)
 
 
+
+@pytest.mark.parametrize("frames, gap", [(9, 0), (21, 9)])
+def test_a_return_clip_is_its_story_told_in_one_prompt(frames: int, gap: int):
+    for seed in range(5):
+        clip, story = world.return_clip_from_seed(seed, frames, gap), world.return_story_from_seed(seed, frames, gap)
+        assert clip.text == " ".join(s.prompt for s in story.segments)
+        assert np.array_equal(clip.frames, story.frames) and clip.shots == story.shots
+        (back,) = [s for s in story.segments if s.returning_subjects]
+        assert back is story.segments[-1] and back.returning_subjects == (0,)
+
 def test_motions_stay_smooth_and_in_frame(narratives):
     for n in narratives:
         for segment, shot in zip(n.segments, n.shots, strict=True):

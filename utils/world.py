@@ -1021,8 +1021,16 @@ def min_return_clip_latent_frames(gap: int, chunk_frames: int = CHUNK_FRAMES) ->
 def sample_return_clip(
     rng: np.random.Generator, num_latent_frames: int, chunk_frames: int = CHUNK_FRAMES, gap: int = 0
 ) -> Clip:
-    """A subject named by none of its attributes, a cut away from it, its return: one prompt of three sentences
-    (four with a ``gap``).
+    """The story of :func:`sample_return_story` as one training clip: its prompts joined into one."""
+    story = sample_return_story(rng, num_latent_frames, chunk_frames, gap)
+    return Clip(" ".join(s.prompt for s in story.segments), story.frames, story.shots)
+
+
+def sample_return_story(
+    rng: np.random.Generator, num_latent_frames: int, chunk_frames: int = CHUNK_FRAMES, gap: int = 0
+) -> Narrative:
+    """A subject named by none of its attributes, a cut away from it, its return: three prompts (four with a
+    ``gap``), which a return clip joins into one and the oracle scores as a narrative.
 
     Nothing in the text fixes the returning subject's colour, shape, pattern or size, only its earlier
     frames do: a teacher trained on these learns that a subject referred back to comes back unchanged,
@@ -1053,8 +1061,7 @@ def sample_return_clip(
     away = "cut" if rng.random() < 0.6 else "cut_new"
     builder.beat(away, first, second)
     builder.beat("reappear", second, num_latent_frames)
-    story = builder.build(f"return_clip_{away}", num_latent_frames)
-    return Clip(" ".join(s.prompt for s in story.segments), story.frames, story.shots)
+    return builder.build(f"return_clip_{away}", num_latent_frames)
 
 
 def narrative_from_seed(seed: int, num_latent_frames: int, chunk_frames: int = CHUNK_FRAMES) -> Narrative:
@@ -1070,6 +1077,11 @@ def clip_from_seed(seed: int, num_latent_frames: int) -> Clip:
 def return_clip_from_seed(seed: int, num_latent_frames: int, gap: int = 0) -> Clip:
     """The return clip of a seed (:func:`sample_return_clip`)."""
     return sample_return_clip(np.random.default_rng([seed, 4]), num_latent_frames, gap=gap)
+
+
+def return_story_from_seed(seed: int, num_latent_frames: int, gap: int = 0) -> Narrative:
+    """The story behind :func:`return_clip_from_seed` of the same seed, as a narrative for the oracle."""
+    return sample_return_story(np.random.default_rng([seed, 4]), num_latent_frames, gap=gap)
 
 
 def training_clip(seed: int, num_latent_frames: int, return_fraction: float = 0.0, return_gap: int = 0) -> Clip:

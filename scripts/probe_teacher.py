@@ -1,0 +1,196 @@
+"""Does MemFlow-Tiny's teacher bring a returning subject back unchanged? DMD distils the generator towards
+the teacher's score, so if the teacher does not, no training of ours can reward the generator for reading
+its memory.
+
+usage: python scripts/probe_teacher.py [--clips 48] [--frames 21] [--gap 9] [--split validation|test] [--json]
+                                       [--steps 16] [--guidance 3.0] [--negative_prompt ""]
+                                       [--config_path configs/toy/interactive_inference.yaml] [key=value ...]
+
+Each held-out seed gives a return story (``utils.world.return_story_from_seed``): a subject named by none
+of its attributes, a cut away, its return, told in one prompt as the teacher's return clips are. The
+teacher (``weights_dir``/transformer, the bidirectional DiT the distillation stages use as real score)
+samples the whole clip with the ODE initialisation's guided Euler sampler (``--steps``, ``--guidance``
+and ``--negative_prompt`` default to configs/toy/ode_init.yaml), the VAE decodes it and the oracle scores
+the returning subject's identity against its own sighting. Rows:
+
+- ``teacher``: the teacher's clips;
+- ``teacher_spliced``: each clip with its return taken from the next clip's sample - a subject drawn
+  without this clip's sighting, i.e. chance for this teacher (the paired difference to ``teacher`` is
+  what the teacher copies);
+- ``vae_roundtrip``: the true clips encoded and decoded, the ceiling any sample can reach.
+
+For each row ``sighting_presence`` / ``return_presence`` give how often the subject is drawn at all (the
+oracle's presence test) at its sighting and at its return: a subject never drawn cannot be copied.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from memflow.dit import WanDiT, build_dit  # noqa: E402
+from memflow.errors import ConfigError  # noqa: E402
+from memflow.scheduler import FlowMatchScheduler  # noqa: E402
+from memflow.weights import load_dit  # noqa: E402
+from pipeline.inference import Components, build_components, materialize, plan_run, weights_layout  # noqa: E402
+from trainer.ode_init import generate_ode_pairs  # noqa: E402
+from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
+from utils.oracle import PRESENT, Oracle  # noqa: E402
+from utils.world import (  # noqa: E402
+    Narrative,
+    from_model_pixels,
+    min_return_clip_latent_frames,
+    return_story_from_seed,
+    split_seeds,
+    to_model_pixels,
+)
+
+DEFAULT_CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
+SAMPLER_CONFIG = ROOT / "configs" / "toy" / "ode_init.yaml"
+BATCH = 8
+
+
+def load_teacher(cfg) -> WanDiT:
+    """The bidirectional teacher of a release folder (``weights_dir``), else random weights (seed)."""
+    overrides = dict(cfg.model_overrides)
+    if cfg.weights_dir is None:
+        return materialize(lambda: build_dit(cfg.model, causal=False, **overrides), torch.device("cpu"),
+                           torch.float32, int(cfg.seed) + 2)  # fmt: skip
+    folder = Path(cfg.weights_dir)
+    if weights_layout(folder) == "diffusers":
+        folder = folder / "transformer"
+    return load_dit(folder, cfg.model, causal=False, **overrides)
+
+
+def story_prompt(story: Narrative) -> str:
+    """The one prompt a return clip joins its story's prompts into."""
+    return " ".join(segment.prompt for segment in story.segments)
+
+
+@torch.no_grad()
+def sample_clips(teacher: WanDiT, components: Components, stories: list[Narrative], latent_size: tuple[int, int],
+                 sampler: dict, seed: int) -> list[np.ndarray]:  # fmt: skip
+    """The teacher's guided ODE sample of every story's clip (``sampler``: steps, guidance, negative_prompt,
+    shift), decoded to uint8 frames; batch ``k`` draws its noise from ``seed + k``."""
+    scheduler = FlowMatchScheduler(shift=sampler["shift"])
+    uncond = components.text_encoder.encode([sampler["negative_prompt"]])
+    videos = []
+    for k, first in enumerate(range(0, len(stories), BATCH)):
+        group = stories[first : first + BATCH]
+        cond = components.text_encoder.encode([story_prompt(s) for s in group])
+        shape = (len(group), group[0].num_latent_frames, teacher.config.in_dim, *latent_size)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + k))
+        x0, _ = generate_ode_pairs(teacher, scheduler, noise, cond, uncond.expand(len(group), -1, -1),
+                                   sampler["steps"], sampler["guidance"], ())  # fmt: skip
+        videos += [from_model_pixels(v.float().numpy()) for v in components.vae.decode(x0[:, -1])]
+    return videos
+
+
+@torch.no_grad()
+def vae_roundtrip(components: Components, story: Narrative) -> np.ndarray:
+    video = torch.from_numpy(to_model_pixels(story.frames))[None]
+    return from_model_pixels(components.vae.decode(components.vae.encode(video))[0].float().numpy())
+
+
+def splice(videos: list[np.ndarray], stories: list[Narrative]) -> list[np.ndarray]:
+    """Each video up to its return followed by the next video's return (chance: a subject drawn blind)."""
+    out = []
+    for i, (video, story) in enumerate(zip(videos, stories, strict=True)):
+        cut = story.segments[-1].pixel_start
+        other = videos[(i + 1) % len(videos)]
+        out.append(np.concatenate([video[:cut], other[cut:]]))
+    return out
+
+
+def presences(oracle: Oracle, story: Narrative, frames: np.ndarray) -> tuple[float, float]:
+    """Whether the returning subject is drawn (oracle presence) at its first sighting and at its return."""
+    observed = oracle.evaluate(story, frames)["segments"]
+    (index,) = [i for i, s in enumerate(story.segments) if s.returning_subjects]
+    (sid,) = story.segments[index].returning_subjects
+    sighting = next(i for i, s in enumerate(story.segments) if sid in s.subjects)
+    seen = [observed[i]["subjects"][str(sid)]["presence"] >= PRESENT for i in (sighting, index)]
+    return float(seen[0]), float(seen[1])
+
+
+def score(oracle: Oracle, stories: list[Narrative], videos: list[np.ndarray]) -> dict:
+    identity = [oracle.score(s, v)["identity_consistency"] for s, v in zip(stories, videos, strict=True)]
+    seen = np.array([presences(oracle, s, v) for s, v in zip(stories, videos, strict=True)])
+    return {"identity_consistency": float(np.mean(identity)), "sighting_presence": float(seen[:, 0].mean()),
+            "return_presence": float(seen[:, 1].mean()), "per_clip": identity}  # fmt: skip
+
+
+def paired(a: list[float], b: list[float]) -> dict[str, float]:
+    diff = np.asarray(a) - np.asarray(b)
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return {"mean": float(diff.mean()), "se": se, "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum())}
+
+
+def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int, split: str, sampler: dict) -> dict:
+    try:
+        stories = [return_story_from_seed(seed, frames, gap) for seed in split_seeds(split, clips)]
+    except ValueError as err:
+        raise ConfigError(f"--frames {frames} --gap {gap}: {err} (at least "
+                          f"{min_return_clip_latent_frames(gap)} frames for this gap)") from None  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = load_config(cfg_path, [*overrides, f"output_folder={scratch}", "save_trace=false"])
+        plan = plan_run(cfg)
+    components = build_components(plan)
+    teacher = load_teacher(cfg).eval().requires_grad_(False)
+    videos = sample_clips(teacher, components, stories, (plan.latent_height, plan.latent_width), sampler,
+                          int(cfg.seed))  # fmt: skip
+    oracle = Oracle()
+    rows = {"teacher": score(oracle, stories, videos),
+            "teacher_spliced": score(oracle, stories, splice(videos, stories)),
+            "vae_roundtrip": score(oracle, stories, [vae_roundtrip(components, s) for s in stories])}  # fmt: skip
+    copied = paired(rows["teacher"].pop("per_clip"), rows["teacher_spliced"]["per_clip"])
+    for row in rows.values():
+        row.pop("per_clip", None)
+    return {"clips": clips, "split": split, "latent_frames": frames, "gap": gap, "sampler": sampler,
+            "config": str(cfg_path), "overrides": overrides, "rows": rows, "teacher_vs_spliced": copied}  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+    defaults = load_config(SAMPLER_CONFIG)
+    parser = ScriptParser(prog="probe_teacher.py")
+    parser.add_argument("--clips", type=int, default=48)
+    parser.add_argument("--frames", type=int, default=21, help="latent frames per clip (the teacher's clip length)")
+    parser.add_argument("--gap", type=int, default=9, help="latent frames the subject is away (0: no opening chunk)")
+    parser.add_argument("--split", choices=("test", "validation"), default="validation")
+    parser.add_argument("--steps", type=int, default=int(defaults.ode_steps))
+    parser.add_argument("--guidance", type=float, default=float(defaults.guidance_scale))
+    parser.add_argument("--negative_prompt", default=str(defaults.negative_prompt))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    if args.clips < 2:
+        raise ConfigError(f"--clips {args.clips}: give at least 2 (the chance row splices one clip into another)")
+    if args.steps < 1:
+        raise ConfigError(f"--steps {args.steps}: the sampler needs at least 1 step")
+    config_path, _, overrides = parse_cli(rest, str(DEFAULT_CONFIG), prog="probe_teacher.py")
+    torch.set_num_threads(args.threads)
+    sampler = {"steps": args.steps, "guidance": args.guidance, "negative_prompt": args.negative_prompt,
+               "shift": float(defaults.timestep_shift)}  # fmt: skip
+    result = probe(config_path, overrides, args.clips, args.frames, args.gap, args.split, sampler)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.clips} {args.split} return clips of {args.frames} latent frames, gap {args.gap}\n")
+    print("| row | identity consistency | subject drawn at sighting | at return |\n|---|---|---|---|")
+    for name, row in result["rows"].items():
+        print(f"| {name} | {row['identity_consistency']:.3f} | {row['sighting_presence']:.2f} "
+              f"| {row['return_presence']:.2f} |")  # fmt: skip
+    c = result["teacher_vs_spliced"]
+    print(f"\nteacher - spliced: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']}:{c['losses']})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
