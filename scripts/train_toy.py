@@ -157,6 +157,7 @@ def train_teacher(argv: list[str]) -> int:
         return 0
     torch.set_num_threads(int(cfg.threads))
     overrides_dit = to_container(cfg.model_overrides)
+    settings = TeacherSettings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
     cache_path = Path(cfg.cache_path)
     if not cache_path.is_file():
         vae_dir = Path(cfg.vae_dir)
@@ -168,7 +169,6 @@ def train_teacher(argv: list[str]) -> int:
         build_latent_cache(WanVAE.from_diffusers(vae_dir), encoder, seeds, int(cfg.clip_latent_frames),
                            str(cfg.uncond_prompt), cache_path, fraction, gap)  # fmt: skip
         print(f"teacher: encoded {len(seeds)} clips into {cache_path} in {time.perf_counter() - start:.0f} s")
-    settings = TeacherSettings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
     trainer = TeacherTrainer(settings, load_latent_cache(cache_path))
     params = sum(p.numel() for p in trainer.model.parameters())
     print(f"teacher: {params / 1e6:.2f} M parameters, {len(trainer.latents)} cached clips")

@@ -17,12 +17,18 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from memflow.errors import ConfigError
+from memflow.errors import ConfigError, WeightsError
 from memflow.vae import WanVAE
 from memflow.weights import load_dit
 from pipeline.inference import VideoRunner, build_components, plan_run
 from pipeline.inference import random_vae as make_random_vae
-from trainer.teacher_train import TeacherSettings, TeacherTrainer, build_latent_cache, load_latent_cache
+from trainer.teacher_train import (
+    TeacherSettings,
+    TeacherTrainer,
+    build_latent_cache,
+    latent_subject_mask,
+    load_latent_cache,
+)
 from trainer.vae_train import (
     CausalCaches,
     VAESettings,
@@ -38,7 +44,14 @@ from trainer.vae_train import (
 )
 from utils.config import load_config
 from utils.oracle import Oracle
-from utils.world import narrative_from_seed, pixel_frame, return_clip_from_seed, return_story_from_seed, split_seeds
+from utils.world import (
+    narrative_from_seed,
+    pixel_frame,
+    return_clip_from_seed,
+    return_story_from_seed,
+    split_seeds,
+    to_model_pixels,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
@@ -228,16 +241,45 @@ def test_latent_cache_holds_clips_and_prompts(tmp_path: Path) -> None:
     assert cache["latents"].shape == (2, 3, 16, 8, 8)
     assert cache["context"].shape == (2, 8, 384) and cache["uncond"].shape == (1, 8, 384)
     assert cache["seeds"].tolist() == [3, 4]
+    assert cache["subjects"].shape == (2, 3, 8, 8) and cache["subjects"].dtype == torch.uint8
     returns = load_latent_cache(build_latent_cache(vae, encoder, [3], 9, "", tmp_path / "returns.safetensors", 1.0))
     assert returns["latents"].shape == (1, 9, 16, 8, 8)
     assert torch.equal(returns["context"], encoder.encode([return_clip_from_seed(3, 9).text]))
 
 
-@pytest.mark.parametrize("bad", ["return_fraction=1.5", "return_gap=12"])
+def test_latent_subject_mask_marks_the_cells_a_subject_covers() -> None:
+    clip = return_clip_from_seed(3, 21, 9)  # an empty opening chunk, the subject, a cut, its return
+    video = torch.from_numpy(to_model_pixels(clip.frames))[None]
+    mask = latent_subject_mask(video, (8, 8))[0]
+    assert mask.shape == (21, 8, 8) and set(mask.unique().tolist()) <= {0, 1}
+    assert mask[:3].sum() == 0  # the opening chunk shows no subject
+    assert (mask[3:9].flatten(1).sum(1) > 0).all() and (mask[18:].flatten(1).sum(1) > 0).all()
+    assert mask[3:9].float().mean() < 0.2  # a subject covers a few cells, not the frame
+
+
+def test_subject_weight_scales_only_the_subject_cells() -> None:
+    overrides = {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 1, "text_dim": 16, "text_len": 8}
+    generator = torch.Generator().manual_seed(0)
+    cache = {"latents": torch.randn(4, 3, 16, 8, 8, generator=generator),
+             "context": torch.randn(4, 8, 16, generator=generator), "uncond": torch.zeros(1, 8, 16)}  # fmt: skip
+    with pytest.raises(WeightsError, match="delete it to rebuild"):
+        TeacherTrainer(TeacherSettings(overrides=overrides, subject_weight=5.0), cache)
+
+    def first_loss(weight: float, subjects: torch.Tensor) -> float:
+        settings = TeacherSettings(overrides=overrides, batch_size=2, warmup=1, subject_weight=weight)
+        return TeacherTrainer(settings, {**cache, "subjects": subjects}).step()
+
+    empty, some = torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    some[:, :, 2:4, 2:4] = 1
+    assert first_loss(5.0, empty) == pytest.approx(first_loss(0.0, empty))  # no subject: the plain MSE
+    assert first_loss(5.0, some) > first_loss(0.0, some)
+
+
+@pytest.mark.parametrize("bad", ["return_fraction=1.5", "return_gap=12", "settings.subject_weight=-1"])
 def test_teacher_rejects_bad_return_clip_settings_and_writes_nothing(tmp_path: Path, bad: str) -> None:
     proc = run_script("scripts/train_toy.py", "teacher", bad, f"output={tmp_path / 'out'}",
                       f"cache_path={tmp_path / 'cache.safetensors'}", f"metrics={tmp_path / 'metrics.jsonl'}")
-    field = bad.split("=")[0]
+    field = bad.split("=")[0].split(".")[-1]
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and field in proc.stderr
     assert list(tmp_path.iterdir()) == []
 

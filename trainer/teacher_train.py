@@ -5,6 +5,11 @@ in one safetensors file). The teacher is our Wan DiT (``build_dit(preset, causal
 as Wan is: timesteps drawn uniformly on the shift-5 grid, x_t = (1 - sigma) x0 + sigma noise, MSE on
 the flow ``noise - x0``. With probability ``cfg_dropout`` a sample's text is replaced by the embedding of
 ``uncond_prompt`` (the distillation configs' ``negative_prompt``), so classifier-free guidance works.
+
+``subject_weight`` > 0 weights the squared error of every latent cell a subject covers by
+``1 + subject_weight``. Subjects fill a few percent of a frame and a return fills one chunk of a clip,
+so with a plain MSE bringing a subject back unchanged is worth almost nothing to the loss, and the
+teacher that the distillation stages copy does not learn it (``scripts/probe_teacher.py``).
 """
 
 from __future__ import annotations
@@ -15,15 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from memflow.dit import WanDiT, build_dit
-from memflow.errors import WeightsError
+from memflow.errors import ConfigError, WeightsError
 from memflow.scheduler import FlowMatchScheduler
 from memflow.text import TextEncoder
 from memflow.vae import WanVAE
 from utils.atomic import atomic_path
 from utils.world import to_model_pixels, training_clip
+
+from .vae_train import subject_mask
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -40,20 +48,24 @@ def build_latent_cache(
     return_gap: int = 0,
     batch_size: int = 16,
 ) -> Path:
-    """Encode the clips of ``seeds`` and their prompts once; writes ``latents``, ``context``, ``uncond``.
+    """Encode the clips of ``seeds`` and their prompts once; writes ``latents``, ``context``, ``uncond`` and
+    ``subjects`` (:func:`latent_subject_mask` of each clip).
 
     A ``return_fraction`` of the seeds give return clips with a cut of ``return_gap`` frames
     (:func:`utils.world.training_clip`).
     """
-    latents, texts = [], []
+    latents, subjects, texts = [], [], []
     for start in range(0, len(seeds), batch_size):
         batch = seeds[start : start + batch_size]
         clips = [training_clip(seed, latent_frames, return_fraction, return_gap) for seed in batch]
-        latents.append(vae.encode(torch.from_numpy(np.stack([to_model_pixels(c.frames) for c in clips]))))
+        video = torch.from_numpy(np.stack([to_model_pixels(c.frames) for c in clips]))
+        latents.append(vae.encode(video))
+        subjects.append(latent_subject_mask(video, latents[-1].shape[-2:]))
         texts += [clip.text for clip in clips]
     context = torch.cat([encoder.encode(texts[i : i + 64]) for i in range(0, len(texts), 64)])
     tensors = {
         "latents": torch.cat(latents).contiguous(),
+        "subjects": torch.cat(subjects).contiguous(),
         "context": context.contiguous(),
         "uncond": encoder.encode([uncond_prompt]).contiguous(),
         "seeds": torch.tensor(list(seeds), dtype=torch.int64),
@@ -61,6 +73,16 @@ def build_latent_cache(
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
     return Path(path)
+
+
+def latent_subject_mask(video: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """``uint8 [B, F, h, w]``: latent cells whose pixels (any of the frames a latent frame encodes: the first
+    alone, then four at a time) show a subject, for pixels ``[B, T, 3, H, W]`` with T = 1 + 4 (F - 1)."""
+    mask = subject_mask(video.transpose(1, 2))[:, 0].float()  # [B, T, H, W]
+    b, t, h, w = mask.shape
+    frames = torch.cat([mask[:, :1], mask[:, 1:].reshape(b, (t - 1) // 4, 4, h, w).amax(2)], dim=1)
+    cells = F.adaptive_max_pool2d(frames, tuple(latent_size))
+    return (cells > 0).to(torch.uint8)
 
 
 def load_latent_cache(path: Path) -> dict[str, torch.Tensor]:
@@ -85,18 +107,30 @@ class TeacherSettings:
     steps: int = 1000
     cfg_dropout: float = 0.1
     shift: float = 5.0
+    subject_weight: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.subject_weight < 0:
+            raise ConfigError(f"teacher settings.subject_weight={self.subject_weight}: must be >= 0 (0 = plain MSE)")
 
 
 def flow_matching_loss(
-    model: WanDiT, scheduler: FlowMatchScheduler, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator
+    model: WanDiT,
+    scheduler: FlowMatchScheduler,
+    x0: torch.Tensor,
+    context: torch.Tensor,
+    generator: torch.Generator,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the predicted and true flow at one shifted-grid timestep per sample."""
+    """MSE between the predicted and true flow at one shifted-grid timestep per sample; ``weight``
+    [B, F, h, w] scales each latent cell's squared error (all channels alike)."""
     index = torch.randint(0, len(scheduler.timesteps), (x0.shape[0],), generator=generator)
     t = scheduler.timesteps[index]
     noise = torch.randn(x0.shape, generator=generator)
     xt = scheduler.add_noise(x0, noise, t)
-    return (model(xt, t, context) - scheduler.training_target(x0, noise)).pow(2).mean()
+    error = (model(xt, t, context) - scheduler.training_target(x0, noise)).pow(2)
+    return error.mean() if weight is None else (error * weight[:, :, None]).mean()
 
 
 class TeacherTrainer:
@@ -108,19 +142,27 @@ class TeacherTrainer:
         self.model = build_dit(settings.preset, causal=False, **settings.overrides)
         self.scheduler = FlowMatchScheduler(shift=settings.shift)
         self.latents, self.context, self.uncond = cache["latents"], cache["context"], cache["uncond"]
+        self.subjects = cache.get("subjects")
+        if settings.subject_weight > 0 and self.subjects is None:
+            raise WeightsError("the latent cache has no subject masks (built by an older version), which "
+                               "settings.subject_weight needs; delete it to rebuild")  # fmt: skip
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
                                            betas=(0.9, 0.99))  # fmt: skip
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.rng = np.random.default_rng(settings.seed)
         self.step_count = 0
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random clips with their prompt embeddings, each replaced by the unconditional one w.p. cfg_dropout."""
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Random clips with their prompt embeddings (each replaced by the unconditional one w.p. cfg_dropout)
+        and their loss weights (None for a plain MSE)."""
         index = torch.from_numpy(self.rng.integers(0, len(self.latents), self.settings.batch_size))
         context = self.context[index].clone()
         drop = torch.from_numpy(self.rng.random(len(index)) < self.settings.cfg_dropout)
         context[drop] = self.uncond[0]
-        return self.latents[index], context
+        weight = None
+        if self.settings.subject_weight > 0:
+            weight = 1.0 + self.settings.subject_weight * self.subjects[index].float()
+        return self.latents[index], context, weight
 
     def step(self) -> float:
         """One AdamW step (linear warm-up); returns the loss."""
@@ -128,8 +170,8 @@ class TeacherTrainer:
         scale = min(1.0, (self.step_count + 1) / max(1, self.settings.warmup))
         for group in self.optimizer.param_groups:
             group["lr"] = self.settings.lr * scale
-        x0, context = self.batch()
-        loss = flow_matching_loss(self.model, self.scheduler, x0, context, self.generator)
+        x0, context, weight = self.batch()
+        loss = flow_matching_loss(self.model, self.scheduler, x0, context, self.generator, weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
