@@ -456,7 +456,8 @@ def load_generator(plan: RunPlan) -> WanDiT:
     return dit.eval().requires_grad_(False)
 
 
-def _build_text_encoder(plan: RunPlan) -> TextEncoder:
+def build_text_encoder(plan: RunPlan) -> TextEncoder:
+    """The text encoder a plan names (``text_encoder``, ``weights_dir``), its width checked against the DiT's."""
     cfg = plan.config
     kwargs = dict(text_len=plan.dit.text_len, device=plan.device, offload_after_encode=cfg.low_memory)
     if cfg.text_encoder == "minilm":
@@ -473,7 +474,8 @@ def _build_text_encoder(plan: RunPlan) -> TextEncoder:
     return encoder
 
 
-def _build_vae(plan: RunPlan) -> WanVAE:
+def build_vae(plan: RunPlan) -> WanVAE:
+    """The VAE of ``weights_dir`` (random without one), its latent channels checked against the DiT's."""
     cfg = plan.config
     channels = plan.dit.out_dim
     if cfg.weights_dir is None:
@@ -493,7 +495,7 @@ def _build_vae(plan: RunPlan) -> WanVAE:
 
 def build_components(plan: RunPlan) -> Components:
     """Load (or randomly initialise) the DiT, text encoder and VAE of a plan on its device."""
-    return Components(load_generator(plan), _build_text_encoder(plan), _build_vae(plan))
+    return Components(load_generator(plan), build_text_encoder(plan), build_vae(plan))
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,8 +39,10 @@ sys.path.insert(0, str(ROOT))
 from memflow.dit import WanDiT, build_dit  # noqa: E402
 from memflow.errors import ConfigError  # noqa: E402
 from memflow.scheduler import FlowMatchScheduler  # noqa: E402
+from memflow.text import TextEncoder  # noqa: E402
+from memflow.vae import WanVAE  # noqa: E402
 from memflow.weights import load_dit  # noqa: E402
-from pipeline.inference import Components, build_components, materialize, plan_run, weights_layout  # noqa: E402
+from pipeline.inference import build_text_encoder, build_vae, materialize, plan_run, weights_layout  # noqa: E402
 from trainer.ode_init import generate_ode_pairs  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
 from utils.oracle import PRESENT, Oracle  # noqa: E402
@@ -76,28 +78,28 @@ def story_prompt(story: Narrative) -> str:
 
 
 @torch.no_grad()
-def sample_clips(teacher: WanDiT, components: Components, stories: list[Narrative], latent_size: tuple[int, int],
-                 sampler: dict, seed: int) -> list[np.ndarray]:  # fmt: skip
+def sample_clips(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: list[Narrative],
+                 latent_size: tuple[int, int], sampler: dict, seed: int) -> list[np.ndarray]:  # fmt: skip
     """The teacher's guided ODE sample of every story's clip (``sampler``: steps, guidance, negative_prompt,
     shift), decoded to uint8 frames; batch ``k`` draws its noise from ``seed + k``."""
     scheduler = FlowMatchScheduler(shift=sampler["shift"])
-    uncond = components.text_encoder.encode([sampler["negative_prompt"]])
+    uncond = text.encode([sampler["negative_prompt"]])
     videos = []
     for k, first in enumerate(range(0, len(stories), BATCH)):
         group = stories[first : first + BATCH]
-        cond = components.text_encoder.encode([story_prompt(s) for s in group])
+        cond = text.encode([story_prompt(s) for s in group])
         shape = (len(group), group[0].num_latent_frames, teacher.config.in_dim, *latent_size)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + k))
         x0, _ = generate_ode_pairs(teacher, scheduler, noise, cond, uncond.expand(len(group), -1, -1),
                                    sampler["steps"], sampler["guidance"], ())  # fmt: skip
-        videos += [from_model_pixels(v.float().numpy()) for v in components.vae.decode(x0[:, -1])]
+        videos += [from_model_pixels(v.float().numpy()) for v in vae.decode(x0[:, -1])]
     return videos
 
 
 @torch.no_grad()
-def vae_roundtrip(components: Components, story: Narrative) -> np.ndarray:
+def vae_roundtrip(vae: WanVAE, story: Narrative) -> np.ndarray:
     video = torch.from_numpy(to_model_pixels(story.frames))[None]
-    return from_model_pixels(components.vae.decode(components.vae.encode(video))[0].float().numpy())
+    return from_model_pixels(vae.decode(vae.encode(video))[0].float().numpy())
 
 
 def splice(videos: list[np.ndarray], stories: list[Narrative]) -> list[np.ndarray]:
@@ -142,14 +144,14 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
     with tempfile.TemporaryDirectory() as scratch:
         cfg = load_config(cfg_path, [*overrides, f"output_folder={scratch}", "save_trace=false"])
         plan = plan_run(cfg)
-    components = build_components(plan)
+    text, vae = build_text_encoder(plan), build_vae(plan)
     teacher = load_teacher(cfg).eval().requires_grad_(False)
-    videos = sample_clips(teacher, components, stories, (plan.latent_height, plan.latent_width), sampler,
+    videos = sample_clips(teacher, text, vae, stories, (plan.latent_height, plan.latent_width), sampler,
                           int(cfg.seed))  # fmt: skip
     oracle = Oracle()
     rows = {"teacher": score(oracle, stories, videos),
             "teacher_spliced": score(oracle, stories, splice(videos, stories)),
-            "vae_roundtrip": score(oracle, stories, [vae_roundtrip(components, s) for s in stories])}  # fmt: skip
+            "vae_roundtrip": score(oracle, stories, [vae_roundtrip(vae, s) for s in stories])}  # fmt: skip
     copied = paired(rows["teacher"].pop("per_clip"), rows["teacher_spliced"]["per_clip"])
     for row in rows.values():
         row.pop("per_clip", None)
