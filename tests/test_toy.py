@@ -250,7 +250,7 @@ def test_latent_cache_holds_clips_and_prompts(tmp_path: Path) -> None:
 def test_latent_subject_mask_marks_the_cells_a_subject_covers() -> None:
     clip = return_clip_from_seed(3, 21, 9)  # an empty opening chunk, the subject, a cut, its return
     video = torch.from_numpy(to_model_pixels(clip.frames))[None]
-    mask = latent_subject_mask(video, (8, 8))[0]
+    mask = latent_subject_mask(video, (21, 8, 8))[0]
     assert mask.shape == (21, 8, 8) and set(mask.unique().tolist()) <= {0, 1}
     assert mask[:3].sum() == 0  # the opening chunk shows no subject
     assert (mask[3:9].flatten(1).sum(1) > 0).all() and (mask[18:].flatten(1).sum(1) > 0).all()

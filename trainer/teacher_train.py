@@ -29,7 +29,7 @@ from memflow.scheduler import FlowMatchScheduler
 from memflow.text import TextEncoder
 from memflow.vae import WanVAE
 from utils.atomic import atomic_path
-from utils.world import to_model_pixels, training_clip
+from utils.world import pixel_frame, to_model_pixels, training_clip
 
 from .vae_train import subject_mask
 
@@ -60,7 +60,7 @@ def build_latent_cache(
         clips = [training_clip(seed, latent_frames, return_fraction, return_gap) for seed in batch]
         video = torch.from_numpy(np.stack([to_model_pixels(c.frames) for c in clips]))
         latents.append(vae.encode(video))
-        subjects.append(latent_subject_mask(video, latents[-1].shape[-2:]))
+        subjects.append(latent_subject_mask(video, tuple(latents[-1].shape[1:2] + latents[-1].shape[3:])))
         texts += [clip.text for clip in clips]
     context = torch.cat([encoder.encode(texts[i : i + 64]) for i in range(0, len(texts), 64)])
     tensors = {
@@ -75,14 +75,12 @@ def build_latent_cache(
     return Path(path)
 
 
-def latent_subject_mask(video: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
-    """``uint8 [B, F, h, w]``: latent cells whose pixels (any of the frames a latent frame encodes: the first
-    alone, then four at a time) show a subject, for pixels ``[B, T, 3, H, W]`` with T = 1 + 4 (F - 1)."""
+def latent_subject_mask(video: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+    """``uint8 [B, F, h, w]`` for pixels ``[B, T, 3, H, W]`` and latents of ``latent_shape`` (F, h, w): the latent
+    cells whose pixels, in any of the frames their latent frame encodes, show a subject."""
     mask = subject_mask(video.transpose(1, 2))[:, 0].float()  # [B, T, H, W]
-    b, t, h, w = mask.shape
-    frames = torch.cat([mask[:, :1], mask[:, 1:].reshape(b, (t - 1) // 4, 4, h, w).amax(2)], dim=1)
-    cells = F.adaptive_max_pool2d(frames, tuple(latent_size))
-    return (cells > 0).to(torch.uint8)
+    frames = torch.stack([mask[:, pixel_frame(f) : pixel_frame(f + 1)].amax(1) for f in range(latent_shape[0])], 1)
+    return (F.adaptive_max_pool2d(frames, tuple(latent_shape[1:])) > 0).to(torch.uint8)
 
 
 def load_latent_cache(path: Path) -> dict[str, torch.Tensor]:

@@ -1033,8 +1033,9 @@ def sample_return_story(
     ``gap``), which a return clip joins into one and the oracle scores as a narrative.
 
     Nothing in the text fixes the returning subject's colour, shape, pattern or size, only its earlier
-    frames do: a teacher trained on these learns that a subject referred back to comes back unchanged,
-    the in-context persistence a memory bank serves at inference. The cut shows an empty scene, or a
+    frames do: they are meant to teach that a subject referred back to comes back unchanged, the
+    in-context persistence a memory bank serves at inference (``scripts/probe_teacher.py`` checks whether a
+    teacher learnt it). The cut shows an empty scene, or a
     different subject in a new scene followed by a return to the first scene. The subject stays in frame
     (``glimpse``, ``reappear``): one chunk is too short to enter at every size.
 
