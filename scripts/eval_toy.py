@@ -38,6 +38,7 @@ from memflow.config import MEMORY_MODES, StreamConfig  # noqa: E402
 from memflow.errors import ConfigError  # noqa: E402
 from pipeline.inference import Components, build_components, plan_run  # noqa: E402
 from pipeline.streaming import StreamingGenerator  # noqa: E402
+from trainer.vae_train import roundtrip_frames  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
 from utils.oracle import Oracle, aggregate  # noqa: E402
 from utils.world import (  # noqa: E402
@@ -46,7 +47,6 @@ from utils.world import (  # noqa: E402
     narrative_from_seed,
     pixel_frame,
     split_seeds,
-    to_model_pixels,
 )
 
 DEFAULT_CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
@@ -169,13 +169,6 @@ def markdown(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-@torch.no_grad()
-def vae_roundtrip(components: Components, narrative: Narrative) -> np.ndarray:
-    """The narrative's true video encoded and decoded by the VAE: the best any generator here can score."""
-    video = torch.from_numpy(to_model_pixels(narrative.frames))[None]
-    return from_model_pixels(components.vae.decode(components.vae.encode(video))[0].float().numpy())
-
-
 def evaluate(
     cfg_path: str,
     overrides: Sequence[str],
@@ -207,7 +200,7 @@ def evaluate(
             embeddings = dict(zip(texts, components.text_encoder.encode(texts), strict=True))
         scores["ground_truth"].append(oracle.score(narrative, narrative.frames))
         if roundtrip:
-            scores["vae_roundtrip"].append(oracle.score(narrative, vae_roundtrip(components, narrative)))
+            scores["vae_roundtrip"].append(oracle.score(narrative, roundtrip_frames(components.vae, narrative.frames)))
         if index == 0:  # warm-up, untimed: the first calls of a process allocate and pick kernels
             for mode in modes:
                 renderers[mode].render(narrative, embeddings, int(narrative.seed))

@@ -44,6 +44,7 @@ from memflow.vae import WanVAE  # noqa: E402
 from memflow.weights import load_dit  # noqa: E402
 from pipeline.inference import build_text_encoder, build_vae, materialize, plan_run, weights_layout  # noqa: E402
 from trainer.ode_init import generate_ode_pairs  # noqa: E402
+from trainer.vae_train import roundtrip_frames  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
 from utils.oracle import PRESENT, Oracle  # noqa: E402
 from utils.world import (  # noqa: E402
@@ -52,7 +53,6 @@ from utils.world import (  # noqa: E402
     min_return_clip_latent_frames,
     return_story_from_seed,
     split_seeds,
-    to_model_pixels,
 )
 
 DEFAULT_CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
@@ -94,12 +94,6 @@ def sample_clips(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: list[
                                    sampler["steps"], sampler["guidance"], ())  # fmt: skip
         videos += [from_model_pixels(v.float().numpy()) for v in vae.decode(x0[:, -1])]
     return videos
-
-
-@torch.no_grad()
-def vae_roundtrip(vae: WanVAE, story: Narrative) -> np.ndarray:
-    video = torch.from_numpy(to_model_pixels(story.frames))[None]
-    return from_model_pixels(vae.decode(vae.encode(video))[0].float().numpy())
 
 
 def splice(videos: list[np.ndarray], stories: list[Narrative]) -> list[np.ndarray]:
@@ -151,7 +145,7 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
     oracle = Oracle()
     rows = {"teacher": score(oracle, stories, videos),
             "teacher_spliced": score(oracle, stories, splice(videos, stories)),
-            "vae_roundtrip": score(oracle, stories, [vae_roundtrip(vae, s) for s in stories])}  # fmt: skip
+            "vae_roundtrip": score(oracle, stories, [roundtrip_frames(vae, s.frames) for s in stories])}  # fmt: skip
     copied = paired(rows["teacher"].pop("per_clip"), rows["teacher_spliced"]["per_clip"])
     for row in rows.values():
         row.pop("per_clip", None)

@@ -42,6 +42,7 @@ from utils.world import (
     CHUNK_FRAMES,
     COLOURS,
     clip_from_seed,
+    from_model_pixels,
     min_narrative_latent_frames,
     narrative_from_seed,
     split_seeds,
@@ -327,6 +328,14 @@ class Reconstruction:
     per_frame: list[float]
     subjects: float
     background: float
+
+
+@torch.no_grad()
+def roundtrip_frames(vae: WanVAE, frames: np.ndarray) -> np.ndarray:
+    """A story-world video (``uint8 [T, 64, 64, 3]``) encoded and decoded whole: the best any generator
+    working in this VAE's latents can draw it."""
+    video = torch.from_numpy(to_model_pixels(frames))[None]
+    return from_model_pixels(vae.decode(vae.encode(video))[0].float().numpy())
 
 
 @torch.no_grad()
