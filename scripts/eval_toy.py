@@ -40,7 +40,7 @@ from pipeline.inference import Components, build_components, plan_run  # noqa: E
 from pipeline.streaming import StreamingGenerator  # noqa: E402
 from trainer.vae_train import roundtrip_frames  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
-from utils.oracle import Oracle, aggregate  # noqa: E402
+from utils.oracle import Oracle, aggregate, paired_difference  # noqa: E402
 from utils.world import (  # noqa: E402
     Narrative,
     from_model_pixels,
@@ -134,19 +134,6 @@ def summarise(scores: dict[str, list[dict]], timings: dict[str, list[float]], pi
         if mode in timings and mode != "none" and "none" in scores:
             row["identity_vs_none"] = paired_difference(scores[mode], scores["none"], "identity_consistency")
     return rows
-
-
-def paired_difference(scores: list[dict], baseline: list[dict], key: str) -> dict[str, float]:
-    """``key`` of a mode minus the baseline's on the same narratives (same prompts and noise): the mean
-    difference, its standard error, and how many narratives each side wins."""
-    pairs = np.array([(a[key], b[key]) for a, b in zip(scores, baseline, strict=True)], dtype=np.float64)
-    tested = pairs[np.isfinite(pairs).all(axis=1)]
-    diff = tested[:, 0] - tested[:, 1]
-    if len(diff) == 0:
-        return {"mean": float("nan"), "se": float("nan"), "wins": 0.0, "losses": 0.0, "pairs": 0.0}
-    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-    return {"mean": float(diff.mean()), "se": se, "wins": float((diff > 0).sum()), "losses": float((diff < 0).sum()),
-            "pairs": float(len(diff))}  # fmt: skip
 
 
 def markdown(rows: dict[str, dict]) -> str:

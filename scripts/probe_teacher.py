@@ -46,7 +46,7 @@ from pipeline.inference import build_text_encoder, build_vae, materialize, plan_
 from trainer.ode_init import generate_ode_pairs  # noqa: E402
 from trainer.vae_train import roundtrip_frames  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
-from utils.oracle import PRESENT, Oracle  # noqa: E402
+from utils.oracle import PRESENT, Oracle, paired_difference  # noqa: E402
 from utils.world import (  # noqa: E402
     Narrative,
     from_model_pixels,
@@ -106,27 +106,29 @@ def splice(videos: list[np.ndarray], stories: list[Narrative]) -> list[np.ndarra
     return out
 
 
-def presences(oracle: Oracle, story: Narrative, frames: np.ndarray) -> tuple[float, float]:
-    """Whether the returning subject is drawn (oracle presence) at its first sighting and at its return."""
-    observed = oracle.evaluate(story, frames)["segments"]
+def clip_scores(oracle: Oracle, story: Narrative, frames: np.ndarray) -> dict[str, float]:
+    """The returning subject's identity consistency, and whether it is drawn at all (oracle presence) at its
+    first sighting and at its return."""
+    result = oracle.evaluate(story, frames)
     (index,) = [i for i, s in enumerate(story.segments) if s.returning_subjects]
     (sid,) = story.segments[index].returning_subjects
     sighting = next(i for i, s in enumerate(story.segments) if sid in s.subjects)
-    seen = [observed[i]["subjects"][str(sid)]["presence"] >= PRESENT for i in (sighting, index)]
-    return float(seen[0]), float(seen[1])
+    seen = [result["segments"][i]["subjects"][str(sid)]["presence"] >= PRESENT for i in (sighting, index)]
+    return {"identity_consistency": result["metrics"]["identity_consistency"],
+            "sighting_presence": float(seen[0]), "return_presence": float(seen[1])}  # fmt: skip
 
 
-def score(oracle: Oracle, stories: list[Narrative], videos: list[np.ndarray]) -> dict:
-    identity = [oracle.score(s, v)["identity_consistency"] for s, v in zip(stories, videos, strict=True)]
-    seen = np.array([presences(oracle, s, v) for s, v in zip(stories, videos, strict=True)])
-    return {"identity_consistency": float(np.mean(identity)), "sighting_presence": float(seen[:, 0].mean()),
-            "return_presence": float(seen[:, 1].mean()), "per_clip": identity}  # fmt: skip
+def per_clip(oracle: Oracle, stories: list[Narrative], videos: list[np.ndarray]) -> list[dict[str, float]]:
+    return [clip_scores(oracle, s, v) for s, v in zip(stories, videos, strict=True)]
 
 
-def paired(a: list[float], b: list[float]) -> dict[str, float]:
-    diff = np.asarray(a) - np.asarray(b)
-    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-    return {"mean": float(diff.mean()), "se": se, "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum())}
+def mean_row(scores: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
+
+
+def score(oracle: Oracle, stories: list[Narrative], videos: list[np.ndarray]) -> dict[str, float]:
+    """Each measure of :func:`clip_scores` averaged over the clips."""
+    return mean_row(per_clip(oracle, stories, videos))
 
 
 def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int, split: str, sampler: dict) -> dict:
@@ -143,14 +145,14 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
     videos = sample_clips(teacher, text, vae, stories, (plan.latent_height, plan.latent_width), sampler,
                           int(cfg.seed))  # fmt: skip
     oracle = Oracle()
-    rows = {"teacher": score(oracle, stories, videos),
-            "teacher_spliced": score(oracle, stories, splice(videos, stories)),
-            "vae_roundtrip": score(oracle, stories, [roundtrip_frames(vae, s.frames) for s in stories])}  # fmt: skip
-    copied = paired(rows["teacher"].pop("per_clip"), rows["teacher_spliced"]["per_clip"])
-    for row in rows.values():
-        row.pop("per_clip", None)
+    roundtrip = [roundtrip_frames(vae, s.frames) for s in stories]
+    scores = {"teacher": per_clip(oracle, stories, videos),
+              "teacher_spliced": per_clip(oracle, stories, splice(videos, stories)),
+              "vae_roundtrip": per_clip(oracle, stories, roundtrip)}  # fmt: skip
+    copied = paired_difference(scores["teacher"], scores["teacher_spliced"], "identity_consistency")
     return {"clips": clips, "split": split, "latent_frames": frames, "gap": gap, "sampler": sampler,
-            "config": str(cfg_path), "overrides": overrides, "rows": rows, "teacher_vs_spliced": copied}  # fmt: skip
+            "config": str(cfg_path), "overrides": overrides, "rows": {k: mean_row(v) for k, v in scores.items()},
+            "teacher_vs_spliced": copied}  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -184,7 +186,7 @@ def main(argv: list[str]) -> int:
         print(f"| {name} | {row['identity_consistency']:.3f} | {row['sighting_presence']:.2f} "
               f"| {row['return_presence']:.2f} |")  # fmt: skip
     c = result["teacher_vs_spliced"]
-    print(f"\nteacher - spliced: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']}:{c['losses']})")
+    print(f"\nteacher - spliced: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']:.0f}:{c['losses']:.0f})")
     return 0
 
 

@@ -442,3 +442,16 @@ def aggregate(scores: list[dict[str, float]]) -> dict[str, float]:
         else:
             out[key] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     return out
+
+
+def paired_difference(scores: list[dict], baseline: list[dict], key: str) -> dict[str, float]:
+    """``key`` of each score minus the baseline's on the same narrative (same prompts and noise): the mean
+    difference over the pairs where both are tested, its standard error, and how many pairs each side wins."""
+    pairs = np.array([(a[key], b[key]) for a, b in zip(scores, baseline, strict=True)], dtype=np.float64)
+    tested = pairs[np.isfinite(pairs).all(axis=1)]
+    diff = tested[:, 0] - tested[:, 1]
+    if len(diff) == 0:
+        return {"mean": float("nan"), "se": float("nan"), "wins": 0.0, "losses": 0.0, "pairs": 0.0}
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return {"mean": float(diff.mean()), "se": se, "wins": float((diff > 0).sum()), "losses": float((diff < 0).sum()),
+            "pairs": float(len(diff))}  # fmt: skip
