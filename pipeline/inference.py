@@ -444,10 +444,7 @@ def load_generator(plan: RunPlan) -> WanDiT:
     if cfg.generator_ckpt is not None:
         dit = load_dit(Path(cfg.generator_ckpt), cfg.model, entry=entry, dtype=dtype, device=device, **overrides)
     elif cfg.weights_dir is not None:
-        folder = Path(cfg.weights_dir)
-        if weights_layout(folder) == "diffusers":
-            folder = folder / "transformer"
-        dit = load_dit(folder, cfg.model, dtype=dtype, device=device, **overrides)
+        dit = load_dit(Path(cfg.weights_dir), cfg.model, dtype=dtype, device=device, **overrides)
     else:
         log.warning("generator_ckpt and weights_dir are null: the DiT has random weights (seed %d)", cfg.seed)
         dit = materialize(lambda: build_dit(cfg.model, **overrides), device, dtype, cfg.seed)
@@ -456,41 +453,52 @@ def load_generator(plan: RunPlan) -> WanDiT:
     return dit.eval().requires_grad_(False)
 
 
-def build_text_encoder(plan: RunPlan) -> TextEncoder:
-    """The text encoder a plan names (``text_encoder``, ``weights_dir``), its width checked against the DiT's."""
-    cfg = plan.config
-    kwargs = dict(text_len=plan.dit.text_len, device=plan.device, offload_after_encode=cfg.low_memory)
+def load_text_encoder(
+    cfg: DictConfig, dit: DiTConfig, device: torch.device, dtype: torch.dtype, offload: bool = False
+) -> TextEncoder:
+    """The encoder a config names (``text_encoder``: ``minilm``, or the UMT5 of ``weights_dir`` in ``dtype``),
+    its width checked against the DiT's ``text_dim``; used by inference and training alike."""
+    kwargs = dict(text_len=dit.text_len, device=device, offload_after_encode=offload)
     if cfg.text_encoder == "minilm":
         encoder = TextEncoder.from_minilm(**kwargs)
     elif weights_layout(Path(cfg.weights_dir)) == "diffusers":
-        encoder = TextEncoder.from_diffusers(Path(cfg.weights_dir), dtype=plan.dtype, **kwargs)
+        encoder = TextEncoder.from_diffusers(Path(cfg.weights_dir), dtype=dtype, **kwargs)
     else:
-        encoder = TextEncoder.from_wan(Path(cfg.weights_dir), cfg.text_encoder, dtype=plan.dtype, **kwargs)
-    if encoder.dim != plan.dit.text_dim:
+        encoder = TextEncoder.from_wan(Path(cfg.weights_dir), cfg.text_encoder, dtype=dtype, **kwargs)
+    if encoder.dim != dit.text_dim:
         raise ConfigError(
             f"text_encoder={cfg.text_encoder} gives {encoder.dim}-dim embeddings but the DiT takes "
-            f"text_dim={plan.dit.text_dim}; set model_overrides.text_dim={encoder.dim} or use the matching encoder"
+            f"text_dim={dit.text_dim}; set model_overrides.text_dim={encoder.dim} or use the matching encoder"
         )
     return encoder
 
 
-def build_vae(plan: RunPlan) -> WanVAE:
-    """The VAE of ``weights_dir`` (random without one), its latent channels checked against the DiT's."""
-    cfg = plan.config
-    channels = plan.dit.out_dim
+def load_vae(cfg: DictConfig, channels: int, device: torch.device, dtype: torch.dtype, seed: int) -> WanVAE:
+    """The VAE of ``weights_dir`` (random from ``seed`` without one), its latent channels checked against the
+    DiT's ``channels``; used by inference and training alike."""
     if cfg.weights_dir is None:
-        log.warning("weights_dir is null: the VAE has random weights (seed %d)", cfg.seed)
-        return random_vae(cfg.vae, channels, plan.device, plan.dtype, cfg.seed)
+        log.warning("weights_dir is null: the VAE has random weights (seed %d)", seed)
+        return random_vae(cfg.vae, channels, device, dtype, seed)
     folder = Path(cfg.weights_dir)
     if weights_layout(folder) == "diffusers":
-        vae = WanVAE.from_diffusers(folder, dtype=plan.dtype, device=plan.device)
+        vae = WanVAE.from_diffusers(folder, dtype=dtype, device=device)
     else:
-        vae = WanVAE.from_wan(folder, cfg.vae, dtype=plan.dtype, device=plan.device)
+        vae = WanVAE.from_wan(folder, cfg.vae, dtype=dtype, device=device)
     if vae.model.config.z_dim != channels:
         raise ConfigError(
             f"the VAE has {vae.model.config.z_dim} latent channels but the DiT {channels}; use a matching vae"
         )
     return vae
+
+
+def build_text_encoder(plan: RunPlan) -> TextEncoder:
+    """:func:`load_text_encoder` for an inference plan."""
+    return load_text_encoder(plan.config, plan.dit, plan.device, plan.dtype, offload=plan.config.low_memory)
+
+
+def build_vae(plan: RunPlan) -> WanVAE:
+    """:func:`load_vae` for an inference plan."""
+    return load_vae(plan.config, plan.dit.out_dim, plan.device, plan.dtype, plan.config.seed)
 
 
 def build_components(plan: RunPlan) -> Components:

@@ -42,7 +42,7 @@ from memflow.scheduler import FlowMatchScheduler  # noqa: E402
 from memflow.text import TextEncoder  # noqa: E402
 from memflow.vae import WanVAE  # noqa: E402
 from memflow.weights import load_dit  # noqa: E402
-from pipeline.inference import build_text_encoder, build_vae, materialize, plan_run, weights_layout  # noqa: E402
+from pipeline.inference import build_text_encoder, build_vae, materialize, plan_run  # noqa: E402
 from trainer.ode_init import generate_ode_pairs  # noqa: E402
 from trainer.vae_train import roundtrip_frames  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
@@ -66,10 +66,7 @@ def load_teacher(cfg) -> WanDiT:
     if cfg.weights_dir is None:
         return materialize(lambda: build_dit(cfg.model, causal=False, **overrides), torch.device("cpu"),
                            torch.float32, int(cfg.seed) + 2)  # fmt: skip
-    folder = Path(cfg.weights_dir)
-    if weights_layout(folder) == "diffusers":
-        folder = folder / "transformer"
-    return load_dit(folder, cfg.model, causal=False, **overrides)
+    return load_dit(Path(cfg.weights_dir), cfg.model, causal=False, **overrides)
 
 
 def story_prompt(story: Narrative) -> str:

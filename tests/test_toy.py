@@ -18,6 +18,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from memflow.errors import ConfigError, WeightsError
+from memflow.scheduler import FlowMatchScheduler
 from memflow.vae import WanVAE
 from memflow.weights import load_dit
 from pipeline.inference import VideoRunner, build_components, plan_run
@@ -28,6 +29,7 @@ from trainer.teacher_train import (
     build_latent_cache,
     latent_subject_mask,
     load_latent_cache,
+    sample_timesteps,
 )
 from trainer.vae_train import (
     CausalCaches,
@@ -275,7 +277,24 @@ def test_subject_weight_scales_only_the_subject_cells() -> None:
     assert first_loss(5.0, some) > first_loss(0.0, some)
 
 
-@pytest.mark.parametrize("bad", ["return_fraction=1.5", "return_gap=12", "settings.subject_weight=-1"])
+def test_chunk_noise_gives_chunks_their_own_timesteps_and_leaves_the_rest_alone() -> None:
+    scheduler = FlowMatchScheduler(shift=5.0)
+    plain = sample_timesteps(scheduler, (64, 7), torch.Generator().manual_seed(0))
+    assert plain.shape == (64,)  # one per clip, and the same draws as before chunk_noise existed
+    reference = scheduler.timesteps[torch.randint(0, len(scheduler.timesteps), (64,),
+                                                  generator=torch.Generator().manual_seed(0))]  # fmt: skip
+    assert torch.equal(plain, reference)
+    t = sample_timesteps(scheduler, (64, 7), torch.Generator().manual_seed(0), chunk_noise=0.5, chunk_frames=3)
+    assert t.shape == (64, 7)
+    assert torch.equal(t[:, 0], t[:, 2]) and torch.equal(t[:, 3], t[:, 5])  # one timestep per 3-frame chunk
+    split = (t != t[:, :1]).any(1)
+    assert 10 < split.sum() < 54  # about half the clips, the others noised to one level
+    everywhere = sample_timesteps(scheduler, (64, 7), torch.Generator().manual_seed(0), chunk_noise=1.0)
+    assert (everywhere != everywhere[:, :1]).any(1).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("bad", ["return_fraction=1.5", "return_gap=12", "settings.subject_weight=-1",
+                                 "settings.chunk_noise=2", "settings.chunk_frames=0"])  # fmt: skip
 def test_teacher_rejects_bad_return_clip_settings_and_writes_nothing(tmp_path: Path, bad: str) -> None:
     proc = run_script("scripts/train_toy.py", "teacher", bad, f"output={tmp_path / 'out'}",
                       f"cache_path={tmp_path / 'cache.safetensors'}", f"metrics={tmp_path / 'metrics.jsonl'}")

@@ -66,12 +66,12 @@ from pipeline.inference import (
     RunPlan,
     VideoJob,
     VideoRunner,
+    load_text_encoder,
+    load_vae,
     materialize,
-    random_vae,
     resolve_device,
     stream_config,
     vae_spatial_stride,
-    weights_layout,
 )
 from pipeline.prompts import PromptSchedule, PromptSegment
 from pipeline.streaming import StreamingGenerator
@@ -237,8 +237,7 @@ def check_dit_weights(path: Path, preset: str, overrides: dict, key: str) -> Non
     """
     if not path.exists():
         raise WeightsError(f"{key}: {path} does not exist; download the weights or fix the path")
-    folder = path / "transformer" if path.is_dir() and weights_layout(path) == "diffusers" else path
-    file = dit_weights_file(folder, preset)
+    file = dit_weights_file(path, preset)
     if file.name.endswith(".index.json"):
         header = {}
         for shard in shard_files(file):
@@ -501,10 +500,7 @@ def load_score_model(plan: TrainPlan, role: str) -> WanDiT:
         log.warning("%s_weights_dir is null: the %s score starts from random weights", role, role)
         return materialize(lambda: build_dit(preset, causal=False, **overrides), plan.device, dtype,
                            plan.seed + (1 if role == "fake" else 2))  # fmt: skip
-    folder = Path(path)
-    if folder.is_dir() and weights_layout(folder) == "diffusers":
-        folder = folder / "transformer"
-    return load_dit(folder, preset, dtype=dtype, device=plan.device, causal=False, **overrides)
+    return load_dit(Path(path), preset, dtype=dtype, device=plan.device, causal=False, **overrides)
 
 
 def attach_trainable_lora(model: WanDiT, adapter: AdapterSettings, seed: int) -> WanDiT:
@@ -553,21 +549,8 @@ def build_networks(plan: TrainPlan, *, with_scores: bool = True) -> Networks:
 
 
 def build_text_encoder(plan: TrainPlan) -> TextEncoder:
-    """The configured encoder on the training device, checked against the DiT's ``text_dim``."""
-    cfg = plan.config
-    kwargs = dict(text_len=plan.dit.text_len, device=plan.device)
-    if cfg.text_encoder == "minilm":
-        encoder = TextEncoder.from_minilm(**kwargs)
-    elif weights_layout(Path(cfg.weights_dir)) == "diffusers":
-        encoder = TextEncoder.from_diffusers(Path(cfg.weights_dir), **kwargs)
-    else:
-        encoder = TextEncoder.from_wan(Path(cfg.weights_dir), **kwargs)
-    if encoder.dim != plan.dit.text_dim:
-        raise ConfigError(
-            f"text_encoder={cfg.text_encoder} gives {encoder.dim}-dim embeddings but the DiT takes "
-            f"text_dim={plan.dit.text_dim}; set model_overrides.text_dim={encoder.dim}"
-        )
-    return encoder
+    """The configured encoder on the training device (UMT5 in bf16: it is frozen)."""
+    return load_text_encoder(plan.config, plan.dit, plan.device, torch.bfloat16)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -767,13 +750,7 @@ class SampleVideos:
         self.vae = self._vae() if plan.rank == 0 else None
 
     def _vae(self) -> WanVAE:
-        cfg, plan = self.plan.config, self.plan
-        if cfg.weights_dir is None:
-            return random_vae(cfg.vae, plan.dit.out_dim, plan.device, torch.float32, plan.seed)
-        folder = Path(cfg.weights_dir)
-        if weights_layout(folder) == "diffusers":
-            return WanVAE.from_diffusers(folder, device=plan.device)
-        return WanVAE.from_wan(folder, cfg.vae, device=plan.device)
+        return load_vae(self.plan.config, self.plan.dit.out_dim, self.plan.device, torch.float32, self.plan.seed)
 
     @torch.no_grad()
     def __call__(self, step: int) -> Path | None:

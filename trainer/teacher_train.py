@@ -10,6 +10,10 @@ the flow ``noise - x0``. With probability ``cfg_dropout`` a sample's text is rep
 ``1 + subject_weight``. Subjects fill a few percent of a frame and a return fills one chunk of a clip,
 so with a plain MSE bringing a subject back unchanged is worth almost nothing to the loss, and the
 teacher that the distillation stages copy does not learn it (``scripts/probe_teacher.py``).
+
+``chunk_noise`` > 0 gives that share of samples one timestep per chunk of ``chunk_frames`` latent frames
+instead of one per clip (as diffusion forcing does), so the teacher also sees a clean sighting beside a
+noisy return, where copying the subject is the only way to lower the loss.
 """
 
 from __future__ import annotations
@@ -106,11 +110,39 @@ class TeacherSettings:
     cfg_dropout: float = 0.1
     shift: float = 5.0
     subject_weight: float = 0.0
+    chunk_noise: float = 0.0
+    chunk_frames: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.subject_weight < 0:
             raise ConfigError(f"teacher settings.subject_weight={self.subject_weight}: must be >= 0 (0 = plain MSE)")
+        if not 0 <= self.chunk_noise <= 1:
+            raise ConfigError(f"teacher settings.chunk_noise={self.chunk_noise}: must be a share in [0, 1] "
+                              "(0 = one timestep per clip)")  # fmt: skip
+        if self.chunk_frames < 1:
+            raise ConfigError(f"teacher settings.chunk_frames={self.chunk_frames}: must be >= 1 (latent frames "
+                              "per generated chunk, 3 in every toy config)")  # fmt: skip
+
+
+def sample_timesteps(
+    scheduler: FlowMatchScheduler,
+    shape: tuple[int, int],
+    generator: torch.Generator,
+    chunk_noise: float = 0.0,
+    chunk_frames: int = 3,
+) -> torch.Tensor:
+    """Shifted-grid timesteps for ``shape`` (batch, latent frames): ``[B]``, one per clip, or with
+    ``chunk_noise`` > 0 ``[B, F]``, where that share of clips has one per chunk of ``chunk_frames``."""
+    batch, frames = shape
+    steps = len(scheduler.timesteps)
+    index = torch.randint(0, steps, (batch,), generator=generator)
+    if chunk_noise == 0:
+        return scheduler.timesteps[index]
+    chunks = -(-frames // chunk_frames)
+    per_chunk = torch.randint(0, steps, (batch, chunks), generator=generator).repeat_interleave(chunk_frames, 1)
+    split = torch.rand(batch, 1, generator=generator) < chunk_noise
+    return scheduler.timesteps[torch.where(split, per_chunk[:, :frames], index[:, None])]
 
 
 def flow_matching_loss(
@@ -120,11 +152,12 @@ def flow_matching_loss(
     context: torch.Tensor,
     generator: torch.Generator,
     weight: torch.Tensor | None = None,
+    chunk_noise: float = 0.0,
+    chunk_frames: int = 3,
 ) -> torch.Tensor:
-    """MSE between the predicted and true flow at one shifted-grid timestep per sample; ``weight``
-    [B, F, h, w] scales each latent cell's squared error (all channels alike)."""
-    index = torch.randint(0, len(scheduler.timesteps), (x0.shape[0],), generator=generator)
-    t = scheduler.timesteps[index]
+    """MSE between the predicted and true flow at :func:`sample_timesteps`; ``weight`` [B, F, h, w] scales
+    each latent cell's squared error (all channels alike)."""
+    t = sample_timesteps(scheduler, tuple(x0.shape[:2]), generator, chunk_noise, chunk_frames)
     noise = torch.randn(x0.shape, generator=generator)
     xt = scheduler.add_noise(x0, noise, t)
     error = (model(xt, t, context) - scheduler.training_target(x0, noise)).pow(2)
@@ -169,7 +202,8 @@ class TeacherTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.settings.lr * scale
         x0, context, weight = self.batch()
-        loss = flow_matching_loss(self.model, self.scheduler, x0, context, self.generator, weight)
+        loss = flow_matching_loss(self.model, self.scheduler, x0, context, self.generator, weight,
+                                  self.settings.chunk_noise, self.settings.chunk_frames)  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
