@@ -155,6 +155,9 @@ def train_teacher(argv: list[str]) -> int:
     if (out / WEIGHTS_FILE).is_file():
         print(f"teacher: {out / WEIGHTS_FILE} exists, stage already done")
         return 0
+    snapshot_every = int(cfg.snapshot_every)
+    if snapshot_every < 0:
+        raise ConfigError(f"snapshot_every={snapshot_every}: must be >= 0 (0 = no snapshots)")
     torch.set_num_threads(int(cfg.threads))
     overrides_dit = to_container(cfg.model_overrides)
     settings = TeacherSettings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
@@ -179,6 +182,8 @@ def train_teacher(argv: list[str]) -> int:
         if step % int(cfg.log_every) == 0 or step == settings.steps:
             metrics.write(step, settings.steps, {"loss": float(np.mean(window))})
             window = []
+        if snapshot_every and step % snapshot_every == 0 and step < settings.steps:
+            print(f"teacher: wrote {trainer.save(out.with_name(f'{out.name}-step{step}'))}")
     print(f"teacher: wrote {trainer.save(out)}")
     return 0
 

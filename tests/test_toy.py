@@ -24,6 +24,7 @@ from memflow.weights import load_dit
 from pipeline.inference import VideoRunner, build_components, plan_run
 from pipeline.inference import random_vae as make_random_vae
 from trainer.teacher_train import (
+    WEIGHTS_FILE,
     TeacherSettings,
     TeacherTrainer,
     build_latent_cache,
@@ -293,8 +294,27 @@ def test_chunk_noise_gives_chunks_their_own_timesteps_and_leaves_the_rest_alone(
     assert (everywhere != everywhere[:, :1]).any(1).float().mean() > 0.9
 
 
+def test_teacher_snapshots_equal_shorter_runs(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(0)
+    save_file({"latents": torch.randn(4, 3, 16, 8, 8, generator=generator),
+               "context": torch.randn(4, 8, 16, generator=generator), "uncond": torch.zeros(1, 8, 16)},
+              str(tmp_path / "cache.safetensors"))  # fmt: skip
+    tiny = ["model_overrides.dim=32", "model_overrides.ffn_dim=64", "model_overrides.num_heads=2",
+            "model_overrides.num_layers=1", "model_overrides.text_dim=16", "model_overrides.text_len=8",
+            "settings.batch_size=2", f"cache_path={tmp_path / 'cache.safetensors'}", "threads=1"]  # fmt: skip
+    for name, steps, every in (("long", 4, 2), ("short", 2, 0)):
+        proc = run_script("scripts/train_toy.py", "teacher", *tiny, f"settings.steps={steps}",
+                          f"snapshot_every={every}", f"output={tmp_path / name}", f"metrics={tmp_path / name}.jsonl")
+        assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["long", "long-step2", "short"]
+    snapshot, short = (load_file(str(tmp_path / n / WEIGHTS_FILE)) for n in ("long-step2", "short"))
+    assert all(torch.equal(snapshot[k], short[k]) for k in short)
+
+
 @pytest.mark.parametrize("bad", ["return_fraction=1.5", "return_gap=12", "settings.subject_weight=-1",
-                                 "settings.chunk_noise=2", "settings.chunk_frames=0"])  # fmt: skip
+                                 "settings.chunk_noise=2", "settings.chunk_frames=0", "snapshot_every=-1"])  # fmt: skip
 def test_teacher_rejects_bad_return_clip_settings_and_writes_nothing(tmp_path: Path, bad: str) -> None:
     proc = run_script("scripts/train_toy.py", "teacher", bad, f"output={tmp_path / 'out'}",
                       f"cache_path={tmp_path / 'cache.safetensors'}", f"metrics={tmp_path / 'metrics.jsonl'}")
