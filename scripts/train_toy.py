@@ -1,6 +1,6 @@
 """MemFlow-Tiny stages that are not distillation: prompts, VAE, teacher, and the final packaging.
 
-usage: python scripts/train_toy.py prompts [--count N]
+usage: python scripts/train_toy.py prompts [--count N] [--config_path configs/toy/teacher.yaml] [key=value ...]
        python scripts/train_toy.py vae     [--config_path configs/toy/vae.yaml] [key=value ...]
        python scripts/train_toy.py teacher [--config_path configs/toy/teacher.yaml] [key=value ...]
        python scripts/train_toy.py package --release DIR --stage1 DIR --stage2 DIR --out DIR --command STR
@@ -42,15 +42,12 @@ from utils.atomic import atomic_path  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli, to_container  # noqa: E402
 from utils.world import (  # noqa: E402
     CHUNK_FRAMES,
+    PROMPT_SEED_OFFSET,
     min_return_clip_latent_frames,
     sample_switch_clip,
     split_seeds,
     training_clip,
 )
-
-PROMPT_DIR = ROOT / "prompts" / "toy"
-# Prompt files use training seeds from this offset on, apart from the clips the VAE and teacher see first.
-PROMPT_SEED_OFFSET = 500_000
 
 
 class MetricsFile:
@@ -88,9 +85,11 @@ def return_gap(cfg: DictConfig) -> int:
     return gap
 
 
-def write_prompts(count: int, latent_frames: int, return_fraction: float, return_gap: int = 0) -> list[Path]:
-    """Training prompts: clip prompts (stage 1, ODE init; the teacher's mix of clips and return clips) and
-    switch pairs (stage 2), training seeds only."""
+def write_prompts(
+    folder: Path, count: int, latent_frames: int, return_fraction: float, return_gap: int = 0
+) -> list[Path]:
+    """Training prompts into ``folder``: clip prompts (stage 1, ODE init; the teacher's mix of clips and return
+    clips) and switch pairs (stage 2), training seeds only."""
     seeds = split_seeds("train", count, offset=PROMPT_SEED_OFFSET)
     single = [training_clip(seed, latent_frames, return_fraction, return_gap).text for seed in seeds]
     pairs = [sample_switch_clip(np.random.default_rng([seed, 3]), 12).segments for seed in seeds]
@@ -101,10 +100,28 @@ def write_prompts(count: int, latent_frames: int, return_fraction: float, return
     }
     written = []
     for name, lines in files.items():
-        with atomic_path(PROMPT_DIR / name) as tmp:
+        with atomic_path(folder / name) as tmp:
             tmp.write_text("\n".join(lines) + "\n")
-        written.append(PROMPT_DIR / name)
+        written.append(folder / name)
     return written
+
+
+def make_prompts(argv: list[str]) -> int:
+    """``prompts [--count N] [--config_path teacher.yaml] [key=value ...]``: the teacher config (with overrides)
+    says which mix of clips to draw prompts from and ``prompts_dir`` where to write them."""
+    count = 2000
+    if "--count" in argv:
+        at = argv.index("--count")
+        value = argv[at + 1] if at + 1 < len(argv) else ""
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"--count {value!r}: give a positive number of prompts, e.g. --count 2000")
+        count, argv = int(value), argv[:at] + argv[at + 2 :]
+    config_path, _, overrides = parse_cli(argv, str(ROOT / "configs/toy/teacher.yaml"), prog="train_toy.py prompts")
+    cfg = load_config(config_path, overrides)
+    for path in write_prompts(Path(cfg.prompts_dir), count, int(cfg.clip_latent_frames), return_fraction(cfg),
+                              return_gap(cfg)):  # fmt: skip
+        print(f"prompts: wrote {path}")
+    return 0
 
 
 def train_vae(argv: list[str]) -> int:
@@ -231,14 +248,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("prompts", "vae", "teacher", "package"):
         raise ConfigError("usage: train_toy.py {prompts,vae,teacher,package} [...]")
     command, rest = argv[0], argv[1:]
-    if command == "prompts":
-        count = int(rest[1]) if rest[:1] == ["--count"] and len(rest) == 2 else 2000
-        teacher = load_config(ROOT / "configs/toy/teacher.yaml")
-        for path in write_prompts(count, int(teacher.clip_latent_frames), return_fraction(teacher),
-                                  return_gap(teacher)):
-            print(f"prompts: wrote {path}")
-        return 0
-    return {"vae": train_vae, "teacher": train_teacher, "package": package}[command](rest)
+    return {"prompts": make_prompts, "vae": train_vae, "teacher": train_teacher, "package": package}[command](rest)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from trainer.vae_train import (
 from utils.config import load_config
 from utils.oracle import Oracle
 from utils.world import (
+    PROMPT_SEED_OFFSET,
     narrative_from_seed,
     pixel_frame,
     return_clip_from_seed,
@@ -292,6 +293,19 @@ def test_chunk_noise_gives_chunks_their_own_timesteps_and_leaves_the_rest_alone(
     assert 10 < split.sum() < 54  # about half the clips, the others noised to one level
     everywhere = sample_timesteps(scheduler, (64, 7), torch.Generator().manual_seed(0), chunk_noise=1.0)
     assert (everywhere != everywhere[:, :1]).any(1).float().mean() > 0.9
+
+
+def test_prompts_follow_the_teacher_mix_given_on_the_command_line(tmp_path: Path) -> None:
+    proc = run_script("scripts/train_toy.py", "prompts", "--count", "4", f"prompts_dir={tmp_path}",
+                      "clip_latent_frames=21", "return_fraction=1.0", "return_gap=9")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["switch_first.txt", "switch_second.txt", "train.txt"]
+    lines = (tmp_path / "train.txt").read_text().splitlines()
+    seeds = split_seeds("train", 4, offset=PROMPT_SEED_OFFSET)
+    assert lines == [return_clip_from_seed(seed, 21, 9).text for seed in seeds]
+    bad = run_script("scripts/train_toy.py", "prompts", "--count", "0", f"prompts_dir={tmp_path / 'new'}")
+    assert bad.returncode == 2 and "--count" in bad.stderr and bad.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "new").exists()
 
 
 def test_teacher_snapshots_equal_shorter_runs(tmp_path: Path) -> None:

@@ -71,6 +71,8 @@ SPLITS: dict[str, range] = {
     "validation": range(900_000, 1_000_000),
     "test": range(1_000_000, 2_000_000),
 }
+# Distillation prompts use training seeds from this offset on, apart from the clips the VAE and teacher see first.
+PROMPT_SEED_OFFSET = 500_000
 
 
 def pixel_frame(latent_frame: int) -> int:
