@@ -109,16 +109,14 @@ def write_prompts(
 def make_prompts(argv: list[str]) -> int:
     """``prompts [--count N] [--config_path teacher.yaml] [key=value ...]``: the teacher config (with overrides)
     says which mix of clips to draw prompts from and ``prompts_dir`` where to write them."""
-    count = 2000
-    if "--count" in argv:
-        at = argv.index("--count")
-        value = argv[at + 1] if at + 1 < len(argv) else ""
-        if not value.isdigit() or int(value) < 1:
-            raise ConfigError(f"--count {value!r}: give a positive number of prompts, e.g. --count 2000")
-        count, argv = int(value), argv[:at] + argv[at + 2 :]
-    config_path, _, overrides = parse_cli(argv, str(ROOT / "configs/toy/teacher.yaml"), prog="train_toy.py prompts")
+    parser = ScriptParser(prog="train_toy.py prompts")
+    parser.add_argument("--count", type=int, default=2000, help="prompts per file")
+    args, rest = parser.parse_known_args(argv)
+    if args.count < 1:
+        raise ConfigError(f"--count {args.count}: give a positive number of prompts, e.g. --count 2000")
+    config_path, _, overrides = parse_cli(rest, str(ROOT / "configs/toy/teacher.yaml"), prog="train_toy.py prompts")
     cfg = load_config(config_path, overrides)
-    for path in write_prompts(Path(cfg.prompts_dir), count, int(cfg.clip_latent_frames), return_fraction(cfg),
+    for path in write_prompts(Path(cfg.prompts_dir), args.count, int(cfg.clip_latent_frames), return_fraction(cfg),
                               return_gap(cfg)):  # fmt: skip
         print(f"prompts: wrote {path}")
     return 0
