@@ -92,7 +92,10 @@ def run_cli(main: Callable[[list[str]], int], argv: Sequence[str] | None = None)
         code = main(args)
     except MemFlowError as err:
         message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        # one write of the whole line: print() writes the text and the newline separately, and the ranks of
+        # a torchrun job share stderr, so their lines could run together
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
