@@ -328,7 +328,7 @@ def test_teacher_snapshots_equal_shorter_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", ["return_fraction=1.5", "return_gap=12", "settings.subject_weight=-1",
-                                 "settings.chunk_noise=2", "settings.chunk_frames=0", "snapshot_every=-1"])  # fmt: skip
+                                 "settings.chunk_noise=2", "snapshot_every=-1"])  # fmt: skip
 def test_teacher_rejects_bad_return_clip_settings_and_writes_nothing(tmp_path: Path, bad: str) -> None:
     proc = run_script("scripts/train_toy.py", "teacher", bad, f"output={tmp_path / 'out'}",
                       f"cache_path={tmp_path / 'cache.safetensors'}", f"metrics={tmp_path / 'metrics.jsonl'}")

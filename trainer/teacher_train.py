@@ -11,9 +11,10 @@ the flow ``noise - x0``. With probability ``cfg_dropout`` a sample's text is rep
 so with a plain MSE bringing a subject back unchanged is worth almost nothing to the loss, and the
 teacher that the distillation stages copy does not learn it (``scripts/probe_teacher.py``).
 
-``chunk_noise`` > 0 gives that share of samples one timestep per chunk of ``chunk_frames`` latent frames
-instead of one per clip (as diffusion forcing does), so the teacher also sees a clean sighting beside a
-noisy return, where copying the subject is the only way to lower the loss.
+``chunk_noise`` > 0 gives that share of samples one timestep per chunk (the world's ``CHUNK_FRAMES``
+latent frames, as the generator makes them) instead of one per clip, as diffusion forcing does, so the
+teacher also sees a clean sighting beside a noisy return, where copying the subject is the only way to
+lower the loss.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from memflow.scheduler import FlowMatchScheduler
 from memflow.text import TextEncoder
 from memflow.vae import WanVAE
 from utils.atomic import atomic_path
-from utils.world import pixel_frame, to_model_pixels, training_clip
+from utils.world import CHUNK_FRAMES, pixel_frame, to_model_pixels, training_clip
 
 from .vae_train import subject_mask
 
@@ -111,7 +112,6 @@ class TeacherSettings:
     shift: float = 5.0
     subject_weight: float = 0.0
     chunk_noise: float = 0.0
-    chunk_frames: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -120,9 +120,6 @@ class TeacherSettings:
         if not 0 <= self.chunk_noise <= 1:
             raise ConfigError(f"teacher settings.chunk_noise={self.chunk_noise}: must be a share in [0, 1] "
                               "(0 = one timestep per clip)")  # fmt: skip
-        if self.chunk_frames < 1:
-            raise ConfigError(f"teacher settings.chunk_frames={self.chunk_frames}: must be >= 1 (latent frames "
-                              "per generated chunk, 3 in every toy config)")  # fmt: skip
 
 
 def sample_timesteps(
@@ -130,7 +127,7 @@ def sample_timesteps(
     shape: tuple[int, int],
     generator: torch.Generator,
     chunk_noise: float = 0.0,
-    chunk_frames: int = 3,
+    chunk_frames: int = CHUNK_FRAMES,
 ) -> torch.Tensor:
     """Shifted-grid timesteps for ``shape`` (batch, latent frames): ``[B]``, one per clip, or with
     ``chunk_noise`` > 0 ``[B, F]``, where that share of clips has one per chunk of ``chunk_frames``."""
@@ -153,11 +150,10 @@ def flow_matching_loss(
     generator: torch.Generator,
     weight: torch.Tensor | None = None,
     chunk_noise: float = 0.0,
-    chunk_frames: int = 3,
 ) -> torch.Tensor:
     """MSE between the predicted and true flow at :func:`sample_timesteps`; ``weight`` [B, F, h, w] scales
     each latent cell's squared error (all channels alike)."""
-    t = sample_timesteps(scheduler, tuple(x0.shape[:2]), generator, chunk_noise, chunk_frames)
+    t = sample_timesteps(scheduler, tuple(x0.shape[:2]), generator, chunk_noise)
     noise = torch.randn(x0.shape, generator=generator)
     xt = scheduler.add_noise(x0, noise, t)
     error = (model(xt, t, context) - scheduler.training_target(x0, noise)).pow(2)
@@ -203,7 +199,7 @@ class TeacherTrainer:
             group["lr"] = self.settings.lr * scale
         x0, context, weight = self.batch()
         loss = flow_matching_loss(self.model, self.scheduler, x0, context, self.generator, weight,
-                                  self.settings.chunk_noise, self.settings.chunk_frames)  # fmt: skip
+                                  self.settings.chunk_noise)  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
