@@ -1037,9 +1037,9 @@ def sample_return_story(
     Nothing in the text fixes the returning subject's colour, shape, pattern or size, only its earlier
     frames do: they are meant to teach that a subject referred back to comes back unchanged, the
     in-context persistence a memory bank serves at inference (``scripts/probe_teacher.py`` checks whether a
-    teacher learnt it). The cut shows an empty scene, or a
-    different subject in a new scene followed by a return to the first scene. The subject stays in frame
-    (``glimpse``, ``reappear``): one chunk is too short to enter at every size.
+    teacher learnt it). The cut shows an empty scene, or a different subject in a new scene followed by a
+    return to the first scene. The subject stays in frame (``glimpse``, ``reappear``): one chunk is too
+    short to enter at every size.
 
     ``gap`` > 0 makes the return a memory test like a narrative's: the clip opens with one empty chunk
     (the frame sink never shows the subject), the subject is seen up to the cut, the cut lasts ``gap``
