@@ -21,6 +21,13 @@ the returning subject's identity against its own sighting. Rows:
 
 For each row ``sighting_presence`` / ``return_presence`` give how often the subject is drawn at all (the
 oracle's presence test) at its sighting and at its return: a subject never drawn cannot be copied.
+
+``sighting_reliance`` (with a ``--gap``) asks the same question of the teacher's score rather than its
+samples, and with far less noise: the flow-matching error at the returning subject's latent cells when the
+sighting's latent frames are replaced by the empty opening chunk's, over the error with the true clip, at a
+few noise levels of the return. ``joint`` noises the whole clip alike (as DMD noises a generated window);
+``clean_context`` leaves everything before the return clean (as the causal generator has it). 1.0 means
+the teacher ignores the sighting.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from memflow.vae import WanVAE  # noqa: E402
 from memflow.weights import load_dit  # noqa: E402
 from pipeline.inference import build_text_encoder, build_vae, materialize, plan_run  # noqa: E402
 from trainer.ode_init import generate_ode_pairs  # noqa: E402
+from trainer.teacher_train import latent_subject_mask  # noqa: E402
 from trainer.vae_train import roundtrip_frames  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
 from utils.oracle import PRESENT, Oracle, paired_difference  # noqa: E402
@@ -53,11 +61,13 @@ from utils.world import (  # noqa: E402
     min_return_clip_latent_frames,
     return_story_from_seed,
     split_seeds,
+    to_model_pixels,
 )
 
 DEFAULT_CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
 SAMPLER_CONFIG = ROOT / "configs" / "toy" / "ode_init.yaml"
 BATCH = 8
+RELIANCE_SIGMAS = (0.5, 0.7, 0.85, 0.95)  # noise levels of the return at which sighting_reliance is measured
 
 
 def load_teacher(cfg) -> WanDiT:
@@ -103,12 +113,18 @@ def splice(videos: list[np.ndarray], stories: list[Narrative]) -> list[np.ndarra
     return out
 
 
+def returning_subject(story: Narrative) -> tuple[int, int]:
+    """(segment index of the return, the returning subject's id)."""
+    (index,) = [i for i, s in enumerate(story.segments) if s.returning_subjects]
+    (sid,) = story.segments[index].returning_subjects
+    return index, sid
+
+
 def clip_scores(oracle: Oracle, story: Narrative, frames: np.ndarray) -> dict[str, float]:
     """The returning subject's identity consistency, and whether it is drawn at all (oracle presence) at its
     first sighting and at its return."""
     result = oracle.evaluate(story, frames)
-    (index,) = [i for i, s in enumerate(story.segments) if s.returning_subjects]
-    (sid,) = story.segments[index].returning_subjects
+    index, sid = returning_subject(story)
     sighting = next(i for i, s in enumerate(story.segments) if sid in s.subjects)
     seen = [result["segments"][i]["subjects"][str(sid)]["presence"] >= PRESENT for i in (sighting, index)]
     return {"identity_consistency": result["metrics"]["identity_consistency"],
@@ -126,6 +142,50 @@ def mean_row(scores: list[dict[str, float]]) -> dict[str, float]:
 def score(oracle: Oracle, stories: list[Narrative], videos: list[np.ndarray]) -> dict[str, float]:
     """Each measure of :func:`clip_scores` averaged over the clips."""
     return mean_row(per_clip(oracle, stories, videos))
+
+
+def without_sighting(latents: torch.Tensor, story: Narrative) -> torch.Tensor:
+    """A gapped return clip's latents ``[F, C, h, w]`` with every latent frame that shows the subject before its
+    return replaced by the empty opening chunk's (its frames after the first, which alone encodes one pixel frame)."""
+    index, sid = returning_subject(story)
+    empty = list(range(1, story.segments[0].end))
+    seen = [f for s in story.segments[:index] if sid in s.subjects for f in range(s.start, s.end)]
+    out = latents.clone()
+    for k, frame in enumerate(seen):
+        out[frame] = latents[empty[k % len(empty)]]
+    return out
+
+
+@torch.no_grad()
+def sighting_reliance(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: list[Narrative], shift: float,
+                      seed: int) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Error at the returning subject's latent cells without its sighting over the error with it (see the module
+    docstring), per context noise (``joint``, ``clean_context``) and noise level of the return."""
+    scheduler = FlowMatchScheduler(shift=shift)
+    video = torch.from_numpy(np.stack([to_model_pixels(s.frames) for s in stories]))
+    latents = torch.cat([vae.encode(video[i : i + BATCH]) for i in range(0, len(stories), BATCH)])
+    cells = latent_subject_mask(video, (latents.shape[1], *latents.shape[3:])).float()
+    back = torch.tensor([s.segments[returning_subject(s)[0]].start for s in stories])
+    frames = torch.arange(latents.shape[1])
+    cells = cells * (frames[None] >= back[:, None])[:, :, None, None]
+    ablated = torch.stack([without_sighting(x, s) for x, s in zip(latents, stories, strict=True)])
+    context = text.encode([story_prompt(s) for s in stories])
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    target = scheduler.training_target(latents, noise)
+    out: dict[str, dict[str, float]] = {"joint": {}, "clean_context": {}}
+    for mode, levels in out.items():
+        for sigma in RELIANCE_SIGMAS:
+            t = scheduler.timesteps[(scheduler.sigmas - sigma).abs().argmin()].expand(latents.shape[:2]).clone()
+            if mode == "clean_context":
+                t[frames[None] < back[:, None]] = scheduler.timesteps[-1]
+            errors = []
+            for x0 in (latents, ablated):
+                xt = scheduler.add_noise(x0, noise, t)
+                flow = torch.cat([teacher(xt[i : i + BATCH], t[i : i + BATCH], context[i : i + BATCH])
+                                  for i in range(0, len(stories), BATCH)])  # fmt: skip
+                errors.append(float(((flow - target).pow(2) * cells[:, :, None]).sum()))
+            levels[f"{sigma:g}"] = errors[1] / errors[0]
+    return out
 
 
 def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int, split: str, sampler: dict) -> dict:
@@ -147,9 +207,10 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
               "teacher_spliced": per_clip(oracle, stories, splice(videos, stories)),
               "vae_roundtrip": per_clip(oracle, stories, roundtrip)}  # fmt: skip
     copied = paired_difference(scores["teacher"], scores["teacher_spliced"], "identity_consistency")
+    reliance = sighting_reliance(teacher, text, vae, stories, sampler["shift"], int(cfg.seed)) if gap > 0 else None
     return {"clips": clips, "split": split, "latent_frames": frames, "gap": gap, "sampler": sampler,
             "config": str(cfg_path), "overrides": overrides, "rows": {k: mean_row(v) for k, v in scores.items()},
-            "teacher_vs_spliced": copied}  # fmt: skip
+            "teacher_vs_spliced": copied, "sighting_reliance": reliance}  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -184,6 +245,11 @@ def main(argv: list[str]) -> int:
               f"| {row['return_presence']:.2f} |")  # fmt: skip
     c = result["teacher_vs_spliced"]
     print(f"\nteacher - spliced: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']:.0f}:{c['losses']:.0f})")
+    if result["sighting_reliance"] is not None:
+        print("sighting reliance (error without the sighting / with it) at return noise "
+              + " ".join(f"{s:g}" for s in RELIANCE_SIGMAS))  # fmt: skip
+        for mode, levels in result["sighting_reliance"].items():
+            print(f"  {mode}: " + " ".join(f"{v:.3f}" for v in levels.values()))
     return 0
 
 

@@ -441,6 +441,39 @@ def test_teacher_probe_scores_truth_perfectly_and_a_spliced_return_as_chance(mon
     assert probe.score(oracle, stories, spliced)["identity_consistency"] < 0.5
 
 
+class _PooledClip:
+    """A stand-in VAE whose latent frame f is pixel frame ``pixel_frame(f)`` pooled 8x8."""
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        frames = [pixel_frame(f) for f in range(1 + (video.shape[1] - 1) // 4)]
+        return torch.stack([torch.nn.functional.avg_pool2d(video[:, f], 8) for f in frames], 1)
+
+
+class _BlankText:
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return torch.zeros(len(prompts), 4, 8)
+
+
+def test_sighting_reliance_is_one_for_a_teacher_blind_to_other_frames(monkeypatch) -> None:
+    probe = load_probe_teacher(monkeypatch)
+    stories = [return_story_from_seed(seed, 21, 9) for seed in split_seeds("validation", 3)]
+    latents = _PooledClip().encode(torch.from_numpy(to_model_pixels(stories[0].frames))[None])[0]
+    ablated = probe.without_sighting(latents, stories[0])
+    changed = [f for f in range(21) if not torch.equal(ablated[f], latents[f])]
+    assert changed == list(range(3, 9)) and torch.equal(ablated[3], latents[1])
+
+    def per_frame(xt, t, context):
+        return 0.5 * xt
+
+    def whole_clip(xt, t, context):
+        return xt.mean(1, keepdim=True).expand_as(xt)
+
+    blind = probe.sighting_reliance(per_frame, _BlankText(), _PooledClip(), stories, 5.0, 0)
+    assert all(v == 1.0 for levels in blind.values() for v in levels.values())
+    seeing = probe.sighting_reliance(whole_clip, _BlankText(), _PooledClip(), stories, 5.0, 0)
+    assert all(v != 1.0 for levels in seeing.values() for v in levels.values())
+
+
 def test_teacher_probe_prints_json_rows(tmp_path: Path) -> None:
     proc = run_script("scripts/probe_teacher.py", "--clips", "2", "--frames", "9", "--gap", "0", "--steps", "2",
                       "--json", *RANDOM_WEIGHTS)  # fmt: skip

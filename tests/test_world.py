@@ -185,6 +185,19 @@ def test_segments_continue_the_world_state(narratives):
                     assert (m.x0, m.y0, m.r0) == pytest.approx(ends[actor.subject_id])
 
 
+def test_a_returning_subject_comes_back_where_it_was_last_seen(narratives):
+    """Its position says nothing new, so what it looks like is the one thing left to recall."""
+    stories = [world.return_story_from_seed(seed, 21, gap) for seed in range(10) for gap in (0, 9)]
+    for n in [*narratives, *stories]:
+        last: dict[int, tuple[float, float, float]] = {}
+        for segment, shot in zip(n.segments, n.shots, strict=True):
+            for actor in shot.actors:
+                m = actor.motion
+                if actor.subject_id in segment.returning_subjects:
+                    assert (m.x0, m.y0, m.r0) == pytest.approx(last[actor.subject_id])
+                last[actor.subject_id] = (m.x1, m.y1, m.r1) if m.action != "leave" else (m.x0, m.y0, m.r0)
+
+
 def test_palette_is_separated_from_every_scene():
     references = np.array([*COLOURS.values(), *(world.shade_of(c) for c in COLOURS)], dtype=np.float32)
     for scene in SCENES:

@@ -767,6 +767,7 @@ class _World:
     scene: str = ""
     scenes_used: list[str] = field(default_factory=list)
     last_seen: dict[int, int] = field(default_factory=dict)  # subject id -> end latent frame of last sight
+    last_pose: dict[int, Pose] = field(default_factory=dict)  # subject id -> where it was last seen
     scene_last_seen: dict[str, int] = field(default_factory=dict)
     sink_subjects: set[int] = field(default_factory=set)
     sink_scene: str = ""
@@ -876,7 +877,7 @@ class NarrativeBuilder:
         elif kind == "reappear":  # X shows again in place: a one-chunk return, too short to enter
             sid = 0
             returning.append(sid)
-            w.present[sid] = random_pose(w.rng, SIZES[w.sizes[sid]])
+            w.present[sid] = w.last_pose[sid]
             motions[sid] = self._in_frame(sid, num_frames, allow_size_change=False)
             does = p.action(motions[sid])
             again = p.pick((f"the same creature is back and {does}", f"the shape from before reappears and {does}",
@@ -887,29 +888,30 @@ class NarrativeBuilder:
                 prompt = f"Back where it was first seen, {again}."
             else:
                 prompt = f"{_sentence(again)}."
-        elif kind in ("return", "revisit_return"):
-            sid = 0  # X, the first subject, always comes back
+        elif kind in ("return", "revisit_return"):  # X, the first subject, comes back where it was last seen
+            sid = 0
             returning.append(sid)
-            motions[sid] = self._enter(sid, num_frames)
-            edge = motions[sid].edge
+            w.present[sid] = w.last_pose[sid]
+            motions[sid] = self._in_frame(sid, num_frames, allow_size_change=False)
+            does = p.action(motions[sid])
             if kind == "revisit_return":
                 revisiting = True
                 w.scene = w.scenes_used[-2]
                 stated_background = bool(w.rng.random() < 0.5)
                 if stated_background:
                     where = p.scene(w.scene)
-                    prompt = p.pick((f"Back in {where} again, the same creature comes into view from the {edge}.",
-                                     f"We return to {where}, and the shape from before slides in from the {edge}."))
+                    prompt = p.pick((f"Back in {where} again, the same creature is where it was and {does}.",
+                                     f"We return to {where}, and the shape from before, in its old spot, {does}."))
                 else:
-                    prompt = p.pick((f"Back where the shape was first seen, it comes into view again from the {edge}.",
-                                     f"The story returns to the earlier place, and our old friend comes back from "
-                                     f"the {edge}."))
+                    prompt = p.pick((f"Back where the shape was first seen, it is there again and {does}.",
+                                     f"The story returns to the earlier place, where our old friend is back and "
+                                     f"{does}."))
             else:
-                prompt = p.pick((f"The same creature comes back into view from the {edge}.",
-                                 f"The shape we saw earlier returns from the {edge}.",
-                                 f"Our old friend from before reappears on the {edge} side.",
-                                 f"The first shape comes back, sliding in from the {edge}.",
-                                 f"Look, the one from earlier is back, entering from the {edge}."))
+                prompt = p.pick((f"The same creature is back in its old spot and {does}.",
+                                 f"The shape we saw earlier returns to where it was; it {does}.",
+                                 f"Our old friend from before reappears in the same place and {does}.",
+                                 f"The first shape comes back right where it was, and {does}.",
+                                 f"Look, the one from earlier is back in its place; it {does}."))
         elif kind == "relocate":
             (sid,) = w.present
             w.scene = w.new_scene()
@@ -957,7 +959,7 @@ class NarrativeBuilder:
             if motion.action == "leave":
                 w.present.pop(sid, None)
             else:
-                w.present[sid] = Pose(x, y, r)
+                w.present[sid] = w.last_pose[sid] = Pose(x, y, r)
             w.last_seen[sid] = end
             if start == 0:
                 w.sink_subjects.add(sid)
