@@ -3,6 +3,7 @@ the teacher's score, so if the teacher does not, no training of ours can reward 
 its memory.
 
 usage: python scripts/probe_teacher.py [--clips 48] [--frames 21] [--gap 9] [--split validation|test] [--json]
+                                       [--reliance_only] [--threads 1]
                                        [--steps 16] [--guidance 3.0] [--negative_prompt ""]
                                        [--config_path configs/toy/interactive_inference.yaml] [key=value ...]
 
@@ -188,7 +189,8 @@ def sighting_reliance(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: 
     return out
 
 
-def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int, split: str, sampler: dict) -> dict:
+def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int, split: str, sampler: dict,
+          reliance_only: bool = False) -> dict:  # fmt: skip
     try:
         stories = [return_story_from_seed(seed, frames, gap) for seed in split_seeds(split, clips)]
     except ValueError as err:
@@ -199,17 +201,20 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
         plan = plan_run(cfg)
     text, vae = build_text_encoder(plan), build_vae(plan)
     teacher = load_teacher(cfg).eval().requires_grad_(False)
-    videos = sample_clips(teacher, text, vae, stories, (plan.latent_height, plan.latent_width), sampler,
-                          int(cfg.seed))  # fmt: skip
-    oracle = Oracle()
-    roundtrip = [roundtrip_frames(vae, s.frames) for s in stories]
-    scores = {"teacher": per_clip(oracle, stories, videos),
-              "teacher_spliced": per_clip(oracle, stories, splice(videos, stories)),
-              "vae_roundtrip": per_clip(oracle, stories, roundtrip)}  # fmt: skip
-    copied = paired_difference(scores["teacher"], scores["teacher_spliced"], "identity_consistency")
+    rows = copied = None
+    if not reliance_only:
+        videos = sample_clips(teacher, text, vae, stories, (plan.latent_height, plan.latent_width), sampler,
+                              int(cfg.seed))  # fmt: skip
+        oracle = Oracle()
+        roundtrip = [roundtrip_frames(vae, s.frames) for s in stories]
+        scores = {"teacher": per_clip(oracle, stories, videos),
+                  "teacher_spliced": per_clip(oracle, stories, splice(videos, stories)),
+                  "vae_roundtrip": per_clip(oracle, stories, roundtrip)}  # fmt: skip
+        rows = {k: mean_row(v) for k, v in scores.items()}
+        copied = paired_difference(scores["teacher"], scores["teacher_spliced"], "identity_consistency")
     reliance = sighting_reliance(teacher, text, vae, stories, sampler["shift"], int(cfg.seed)) if gap > 0 else None
     return {"clips": clips, "split": split, "latent_frames": frames, "gap": gap, "sampler": sampler,
-            "config": str(cfg_path), "overrides": overrides, "rows": {k: mean_row(v) for k, v in scores.items()},
+            "config": str(cfg_path), "overrides": overrides, "rows": rows,
             "teacher_vs_spliced": copied, "sighting_reliance": reliance}  # fmt: skip
 
 
@@ -225,26 +230,32 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--negative_prompt", default=str(defaults.negative_prompt))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--reliance_only", action="store_true",
+                        help="only sighting_reliance (seconds), not the sampled rows (minutes)")
     args, rest = parser.parse_known_args(argv)
     if args.clips < 2:
         raise ConfigError(f"--clips {args.clips}: give at least 2 (the chance row splices one clip into another)")
     if args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: the sampler needs at least 1 step")
+    if args.reliance_only and args.gap < 1:
+        raise ConfigError(f"--reliance_only --gap {args.gap}: sighting_reliance needs a gap (its empty opening chunk "
+                          "stands in for the sighting); give --gap 9")  # fmt: skip
     config_path, _, overrides = parse_cli(rest, str(DEFAULT_CONFIG), prog="probe_teacher.py")
     torch.set_num_threads(args.threads)
     sampler = {"steps": args.steps, "guidance": args.guidance, "negative_prompt": args.negative_prompt,
                "shift": float(defaults.timestep_shift)}  # fmt: skip
-    result = probe(config_path, overrides, args.clips, args.frames, args.gap, args.split, sampler)
+    result = probe(config_path, overrides, args.clips, args.frames, args.gap, args.split, sampler, args.reliance_only)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{args.clips} {args.split} return clips of {args.frames} latent frames, gap {args.gap}\n")
-    print("| row | identity consistency | subject drawn at sighting | at return |\n|---|---|---|---|")
-    for name, row in result["rows"].items():
-        print(f"| {name} | {row['identity_consistency']:.3f} | {row['sighting_presence']:.2f} "
-              f"| {row['return_presence']:.2f} |")  # fmt: skip
-    c = result["teacher_vs_spliced"]
-    print(f"\nteacher - spliced: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']:.0f}:{c['losses']:.0f})")
+    if result["rows"] is not None:
+        print("| row | identity consistency | subject drawn at sighting | at return |\n|---|---|---|---|")
+        for name, row in result["rows"].items():
+            print(f"| {name} | {row['identity_consistency']:.3f} | {row['sighting_presence']:.2f} "
+                  f"| {row['return_presence']:.2f} |")  # fmt: skip
+        c = result["teacher_vs_spliced"]
+        print(f"\nteacher - spliced: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']:.0f}:{c['losses']:.0f})")
     if result["sighting_reliance"] is not None:
         print("sighting reliance (error without the sighting / with it) at return noise "
               + " ".join(f"{s:g}" for s in RELIANCE_SIGMAS))  # fmt: skip

@@ -484,8 +484,18 @@ def test_teacher_probe_prints_json_rows(tmp_path: Path) -> None:
     assert result["sampler"]["steps"] == 2 and result["teacher_vs_spliced"]["wins"] <= 2
 
 
+def test_teacher_probe_reliance_only_skips_the_sampled_rows() -> None:
+    proc = run_script("scripts/probe_teacher.py", "--clips", "2", "--reliance_only", "--json", *RANDOM_WEIGHTS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["rows"] is None and result["teacher_vs_spliced"] is None
+    assert set(result["sighting_reliance"]) == {"joint", "clean_context"}
+    assert all(v > 0 for levels in result["sighting_reliance"].values() for v in levels.values())
+
+
 @pytest.mark.parametrize("args, field", [(["--clips", "1"], "--clips"), (["--frames", "12", "--gap", "9"], "--gap"),
-                                         (["--steps", "0"], "--steps")])  # fmt: skip
+                                         (["--steps", "0"], "--steps"),
+                                         (["--reliance_only", "--gap", "0"], "--reliance_only")])  # fmt: skip
 def test_teacher_probe_rejects_bad_arguments_in_one_line(args: list[str], field: str) -> None:
     proc = run_script("scripts/probe_teacher.py", *args, *RANDOM_WEIGHTS)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and field in proc.stderr
