@@ -17,6 +17,10 @@ Subjects follow smooth motions (eased positions as continuous functions of time)
   frames and is then referred to WITHOUT its attributes, so only memory can restore its identity;
   plans also exercise returning backgrounds and a new subject that must not duplicate an old one.
 
+A returning subject (in narratives and return clips alike) comes back where it was last seen: a return at a
+random place made its position appear in the noisy latents as early as its colour, which left a teacher
+nothing to gain from its earlier frames (README, MemFlow-Tiny, ``sighting_reliance``).
+
 All randomness comes from one ``np.random.Generator``; seeds of the train / validation / test splits
 are disjoint (:func:`split_seeds`).
 """
@@ -874,7 +878,7 @@ class NarrativeBuilder:
             prompt = p.pick((f"The scene changes to {where}, where nothing moves.", f"Cut to {where}; it is empty "
                              f"and calm.", f"Now we see {where}, with no one around.",
                              f"The view switches to an empty stretch of {where}."))
-        elif kind == "reappear":  # X shows again in place: a one-chunk return, too short to enter
+        elif kind == "reappear":  # X shows again where it was last seen: a one-chunk return, too short to enter
             sid = 0
             returning.append(sid)
             w.present[sid] = w.last_pose[sid]
