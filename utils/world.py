@@ -811,6 +811,11 @@ class NarrativeBuilder:
     def _enter(self, sid: int, num_frames: int) -> Motion:
         return enter_motion(self.world.rng, self.world.phrases.pick(EDGES), SIZES[self.world.sizes[sid]], num_frames)
 
+    def _back_in_place(self, sid: int, num_frames: int) -> Motion:
+        """A returning subject's motion from where it was last seen, at its size then."""
+        self.world.present[sid] = self.world.last_pose[sid]
+        return self._in_frame(sid, num_frames, allow_size_change=False)
+
     def _describe(self, sid: int, full: bool, motion: Motion) -> tuple[str, tuple[str, ...]]:
         w = self.world
         stated = w.phrases.stated_attributes(w.current(sid), full, motion.action in ("grow", "shrink"))
@@ -881,8 +886,7 @@ class NarrativeBuilder:
         elif kind == "reappear":  # X shows again where it was last seen: a one-chunk return, too short to enter
             sid = 0
             returning.append(sid)
-            w.present[sid] = w.last_pose[sid]
-            motions[sid] = self._in_frame(sid, num_frames, allow_size_change=False)
+            motions[sid] = self._back_in_place(sid, num_frames)
             does = p.action(motions[sid])
             again = p.pick((f"the same creature is back and {does}", f"the shape from before reappears and {does}",
                             f"our old friend is back; it {does}"))
@@ -895,8 +899,7 @@ class NarrativeBuilder:
         elif kind in ("return", "revisit_return"):  # X, the first subject, comes back where it was last seen
             sid = 0
             returning.append(sid)
-            w.present[sid] = w.last_pose[sid]
-            motions[sid] = self._in_frame(sid, num_frames, allow_size_change=False)
+            motions[sid] = self._back_in_place(sid, num_frames)
             does = p.action(motions[sid])
             if kind == "revisit_return":
                 revisiting = True
