@@ -188,6 +188,8 @@ def train_teacher(argv: list[str]) -> int:
                            str(cfg.uncond_prompt), cache_path, fraction, gap)  # fmt: skip
         print(f"teacher: encoded {len(seeds)} clips into {cache_path} in {time.perf_counter() - start:.0f} s")
     trainer = TeacherTrainer(settings, load_latent_cache(cache_path))
+    if cfg.init_from is not None:
+        trainer.load_weights(Path(cfg.init_from))
     params = sum(p.numel() for p in trainer.model.parameters())
     print(f"teacher: {params / 1e6:.2f} M parameters, {len(trainer.latents)} cached clips")
     metrics = MetricsFile(Path(cfg.metrics), "teacher")

@@ -236,6 +236,25 @@ def test_teacher_trainer_steps_and_saved_model_loads(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.state_dict()[name], value)
 
 
+def test_teacher_continues_from_a_saved_teacher_and_rejects_another_shape(tmp_path: Path) -> None:
+    overrides = {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 1, "text_dim": 16, "text_len": 8}
+    generator = torch.Generator().manual_seed(0)
+    cache = {"latents": torch.randn(4, 3, 16, 8, 8, generator=generator),
+             "context": torch.randn(4, 8, 16, generator=generator), "uncond": torch.zeros(1, 8, 16)}  # fmt: skip
+    first = TeacherTrainer(TeacherSettings(overrides=overrides, batch_size=2, warmup=1), cache)
+    first.step()
+    first.save(tmp_path / "teacher")
+    second = TeacherTrainer(TeacherSettings(overrides=overrides, batch_size=2, warmup=1, seed=1), cache)
+    second.load_weights(tmp_path / "teacher")
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(second.model.state_dict()[name], value)
+    wider = TeacherTrainer(TeacherSettings(overrides={**overrides, "dim": 64}, batch_size=2), cache)
+    with pytest.raises(WeightsError, match=r"init_from=.*model_overrides"):
+        wider.load_weights(tmp_path / "teacher")
+    with pytest.raises(WeightsError, match="holds no"):
+        wider.load_weights(tmp_path)
+
+
 def test_latent_cache_holds_clips_and_prompts(tmp_path: Path) -> None:
     from memflow.text import TextEncoder
 

@@ -191,6 +191,18 @@ class TeacherTrainer:
             weight = 1.0 + self.settings.subject_weight * self.subjects[index].float()
         return self.latents[index], context, weight
 
+    def load_weights(self, folder: Path) -> None:
+        """Continue from a teacher this trainer saved (``folder/diffusion_pytorch_model.safetensors``)."""
+        path = Path(folder) / WEIGHTS_FILE
+        if not path.is_file():
+            raise WeightsError(f"init_from={folder} holds no {WEIGHTS_FILE}; give a folder a teacher run wrote")
+        try:
+            self.model.load_state_dict(load_file(str(path)))
+        except RuntimeError as error:
+            detail = str(error).splitlines()[-1].strip()
+            raise WeightsError(f"init_from={folder} is a teacher of another shape than model/model_overrides "
+                               f"({detail}); give the model_overrides it was trained with") from None
+
     def step(self) -> float:
         """One AdamW step (linear warm-up); returns the loss."""
         self.model.train()
