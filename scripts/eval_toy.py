@@ -1,7 +1,7 @@
 """Held-out evaluation of MemFlow-Tiny per memory mode, scored by the story world's oracle.
 
 usage: python scripts/eval_toy.py [--narratives 50] [--modes none,nam,nam_sma,full] [--frames 36] [--json] [--roundtrip]
-                                  [--split test|validation]
+                                  [--split test|validation] [--stories narratives|returns] [--gap 9]
                                   [--config_path configs/toy/interactive_inference.yaml] [key=value ...]
 
 Narratives come from test-split seeds (``split_seeds("test", N)``, disjoint from every training seed);
@@ -15,6 +15,12 @@ oracle's means and the generation speed (DiT only; the decode is the same for ev
 ``--roundtrip``, a ``vae_roundtrip`` row their VAE encode-decode (what a perfect generator could reach).
 For the modes with a memory bank, ``bank_recall`` says whether memory even held the returning subject:
 the share of layers whose bank, at the return, holds a latent frame showing it in the true video.
+
+``--stories returns`` scores return stories instead (``utils.world.return_story_from_seed``, ``--frames``
+21 and ``--gap`` 9 unless given): a subject named by none of its attributes, a cut away for ``--gap``
+latent frames, its return where it was last seen, generated from the story's one joined prompt as the
+teacher and stage 1 see it. That is the task distillation trains memory on, so it tells a generator that
+never learnt to read its memory from one that learnt it but fails on the longer narratives.
 """
 
 from __future__ import annotations
@@ -44,13 +50,17 @@ from utils.oracle import Oracle, aggregate, paired_difference  # noqa: E402
 from utils.world import (  # noqa: E402
     Narrative,
     from_model_pixels,
+    joined_prompt,
     narrative_from_seed,
     pixel_frame,
+    return_story_from_seed,
     split_seeds,
 )
 
 DEFAULT_CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
 METRICS = ("identity_consistency", "background_consistency", "adherence", "duplicate_rate", "smoothness")
+STORIES = ("narratives", "returns")
+DEFAULT_FRAMES = {"narratives": 36, "returns": 21}
 
 
 @dataclasses.dataclass
@@ -64,13 +74,15 @@ class Rendered:
     bank_recall: float = math.nan
 
 
-def bank_recall(narrative: Narrative, trace: dict) -> float:
+def bank_recall(narrative: Narrative, trace: dict, tested: str = "memory_subjects") -> float:
     """Share of layers whose bank, at the first chunk of a memory subject's return, holds a latent frame in
-    which the true video shows that subject; averaged over the narrative's memory tests (NaN without any)."""
+    which the true video shows that subject; averaged over the narrative's memory tests (NaN without any).
+    ``tested`` names the segment field listing them (``returning_subjects`` for return stories, whose gap
+    is shorter than a narrative's)."""
     banks = {chunk["start_frame"]: chunk["bank"] for chunk in trace["chunks"]}
     shares = []
     for segment in narrative.segments:
-        for sid in segment.memory_subjects:
+        for sid in getattr(segment, tested):
             shown = {f for f in range(segment.start)
                      if narrative.visible[pixel_frame(f) : pixel_frame(f + 1), sid].any()}  # fmt: skip
             shares.append(np.mean([any(f in shown for f in layer) for layer in banks[segment.start]]))
@@ -80,15 +92,18 @@ def bank_recall(narrative: Narrative, trace: dict) -> float:
 class NarrativeRenderer:
     """Generates narratives with one memory mode: the inference chunk loop plus per-chunk streaming decode."""
 
-    def __init__(self, components: Components, stream: StreamConfig, latent_size: tuple[int, int]):
+    def __init__(self, components: Components, stream: StreamConfig, latent_size: tuple[int, int],
+                 tested: str = "memory_subjects"):  # fmt: skip
         self.components = components
         self.generator = StreamingGenerator(components.dit, stream, trace=stream.uses_bank)
         self.latent_size = latent_size
+        self.tested = tested
 
     @torch.no_grad()
-    def render(self, narrative: Narrative, embeddings: dict[str, torch.Tensor], seed: int) -> Rendered:
+    def render(self, narrative: Narrative, prompts: dict[int, torch.Tensor], seed: int) -> Rendered:
+        """``prompts``: the prompt embedding [L, D] that takes over at each start frame (0 first)."""
         gen, (lh, lw) = self.generator, self.latent_size
-        starts = {segment.start: embeddings[segment.prompt][None] for segment in narrative.segments}
+        starts = {first: embedding[None] for first, embedding in prompts.items()}
         noise_gen = torch.Generator().manual_seed(seed)
         decoder = self.components.vae.streaming_decoder()
         channels = self.components.dit.config.in_dim
@@ -106,8 +121,27 @@ class NarrativeRenderer:
             pixels.append(decoder.decode(x0)[0].float().numpy())
             decode_s += time.perf_counter() - t1
             generate_s += t1 - t0
-        recall = bank_recall(narrative, gen.memory_trace()) if gen.trace else math.nan
+        recall = bank_recall(narrative, gen.memory_trace(), self.tested) if gen.trace else math.nan
         return Rendered(from_model_pixels(np.concatenate(pixels)), generate_s, decode_s, recall)
+
+
+def load_stories(kind: str, seeds: Sequence[int], frames: int, gap: int) -> list[Narrative]:
+    """The held-out narratives, or return stories (see the module docstring), of ``seeds``."""
+    try:
+        if kind == "returns":
+            return [return_story_from_seed(seed, frames, gap) for seed in seeds]
+        return [narrative_from_seed(seed, frames) for seed in seeds]
+    except ValueError as err:
+        extra = f" --gap {gap}" if kind == "returns" else ""
+        raise ConfigError(f"--frames {frames}{extra}: {err}") from None
+
+
+def prompt_schedule(story: Narrative, kind: str) -> dict[int, str]:
+    """The prompt that takes over at each start frame: a narrative's switch at every segment, a return story's
+    one joined prompt throughout."""
+    if kind == "returns":
+        return {0: joined_prompt(story)}
+    return {segment.start: segment.prompt for segment in story.segments}
 
 
 def parse_modes(text: str) -> list[str]:
@@ -164,41 +198,45 @@ def evaluate(
     frames: int,
     roundtrip: bool = False,
     split: str = "test",
+    stories: str = "narratives",
+    gap: int = 9,
 ) -> dict:
-    """Generate and score ``count`` held-out narratives in every mode (modes interleaved per narrative)."""
+    """Generate and score ``count`` held-out narratives (or return stories) in every mode (modes interleaved per
+    story)."""
     seeds = split_seeds(split, count)
-    try:
-        narratives = [narrative_from_seed(seed, frames) for seed in seeds]
-    except ValueError as err:
-        raise ConfigError(f"--frames {frames}: {err}") from None
+    narratives = load_stories(stories, seeds, frames, gap)
+    tested = "returning_subjects" if stories == "returns" else "memory_subjects"
     with tempfile.TemporaryDirectory() as scratch:
         cfg = load_config(cfg_path, [*overrides, f"output_folder={scratch}", "save_trace=false"])
         plan = plan_run(cfg)
     components = build_components(plan)
     renderers = {m: NarrativeRenderer(components, dataclasses.replace(plan.stream, memory=m),
-                                      (plan.latent_height, plan.latent_width)) for m in modes}  # fmt: skip
+                                      (plan.latent_height, plan.latent_width), tested) for m in modes}  # fmt: skip
     oracle = Oracle()
     references = ["ground_truth", "vae_roundtrip"] if roundtrip else ["ground_truth"]
     scores: dict[str, list[dict]] = {**{r: [] for r in references}, **{m: [] for m in modes}}
     timings: dict[str, list[float]] = {m: [] for m in modes}
-    for index, narrative in enumerate(narratives):
-        texts = list(dict.fromkeys(s.prompt for s in narrative.segments))
+    for index, (seed, narrative) in enumerate(zip(seeds, narratives, strict=True)):
+        schedule = prompt_schedule(narrative, stories)
+        texts = list(dict.fromkeys(schedule.values()))
         with torch.no_grad():
             embeddings = dict(zip(texts, components.text_encoder.encode(texts), strict=True))
+        prompts = {first: embeddings[text] for first, text in schedule.items()}
         scores["ground_truth"].append(oracle.score(narrative, narrative.frames))
         if roundtrip:
             scores["vae_roundtrip"].append(oracle.score(narrative, roundtrip_frames(components.vae, narrative.frames)))
         if index == 0:  # warm-up, untimed: the first calls of a process allocate and pick kernels
             for mode in modes:
-                renderers[mode].render(narrative, embeddings, int(narrative.seed))
+                renderers[mode].render(narrative, prompts, int(seed))
         # the order rotates so that slow drifts of a shared CPU hit every mode alike
         for mode in modes[index % len(modes) :] + modes[: index % len(modes)]:
-            rendered = renderers[mode].render(narrative, embeddings, int(narrative.seed))
+            rendered = renderers[mode].render(narrative, prompts, int(seed))
             scores[mode].append({**oracle.score(narrative, rendered.frames), "bank_recall": rendered.bank_recall})
             timings[mode].append(rendered.generate_s)
     rows = summarise(scores, timings, int(narratives[0].frames.shape[0]))
-    return {"narratives": count, "split": split, "latent_frames": frames, "seeds": [seeds[0], seeds[-1]],
-            "config": str(cfg_path), "overrides": list(overrides), "modes": rows}  # fmt: skip
+    return {"narratives": count, "split": split, "stories": stories, "gap": gap if stories == "returns" else None,
+            "latent_frames": frames, "seeds": [seeds[0], seeds[-1]], "config": str(cfg_path),
+            "overrides": list(overrides), "modes": rows}  # fmt: skip
 
 
 def json_safe(value: object) -> object:
@@ -216,24 +254,31 @@ def main(argv: list[str]) -> int:
     parser = ScriptParser(prog="eval_toy.py")
     parser.add_argument("--narratives", type=int, default=50)
     parser.add_argument("--modes", default="none,nam,nam_sma,full")
-    parser.add_argument("--frames", type=int, default=36, help="latent frames per narrative (whole chunks, >= 27)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="latent frames per story (whole chunks; default 36 for narratives, 21 for returns)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--roundtrip", action="store_true", help="add a row scoring VAE encode-decode of the truth")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing a shared CPU)")
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="held-out narratives to score: test (reported) or validation (for choosing settings)")
+    parser.add_argument("--stories", choices=STORIES, default="narratives",
+                        help="narratives (the table) or return stories (the task distillation trains memory on)")
+    parser.add_argument("--gap", type=int, default=9, help="latent frames a return story's subject is away")
     args, rest = parser.parse_known_args(argv)
     if args.narratives < 1:
         raise ConfigError(f"--narratives {args.narratives}: give at least 1")
     modes = parse_modes(args.modes)
     config_path, _, overrides = parse_cli(rest, str(DEFAULT_CONFIG), prog="eval_toy.py")
     torch.set_num_threads(args.threads)
-    result = evaluate(config_path, overrides, args.narratives, modes, args.frames, args.roundtrip, args.split)
+    frames = DEFAULT_FRAMES[args.stories] if args.frames is None else args.frames
+    result = evaluate(config_path, overrides, args.narratives, modes, frames, args.roundtrip, args.split,
+                      args.stories, args.gap)  # fmt: skip
     if args.json:
         print(json.dumps(json_safe(result), indent=2, allow_nan=False))
     else:
-        print(f"{args.narratives} held-out narratives ({args.split} seeds {result['seeds'][0]}..{result['seeds'][1]}), "
-              f"{args.frames} latent frames each\n")  # fmt: skip
+        kind = "narratives" if args.stories == "narratives" else f"return stories (gap {args.gap})"
+        print(f"{args.narratives} held-out {kind} ({args.split} seeds {result['seeds'][0]}..{result['seeds'][1]}), "
+              f"{frames} latent frames each\n")  # fmt: skip
         print(markdown(result["modes"]))
     return 0
 

@@ -59,6 +59,7 @@ from utils.oracle import PRESENT, Oracle, paired_difference  # noqa: E402
 from utils.world import (  # noqa: E402
     Narrative,
     from_model_pixels,
+    joined_prompt,
     min_return_clip_latent_frames,
     return_story_from_seed,
     split_seeds,
@@ -80,11 +81,6 @@ def load_teacher(cfg) -> WanDiT:
     return load_dit(Path(cfg.weights_dir), cfg.model, causal=False, **overrides)
 
 
-def story_prompt(story: Narrative) -> str:
-    """The one prompt a return clip joins its story's prompts into."""
-    return " ".join(segment.prompt for segment in story.segments)
-
-
 @torch.no_grad()
 def sample_clips(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: list[Narrative],
                  latent_size: tuple[int, int], sampler: dict, seed: int) -> list[np.ndarray]:  # fmt: skip
@@ -95,7 +91,7 @@ def sample_clips(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: list[
     videos = []
     for k, first in enumerate(range(0, len(stories), BATCH)):
         group = stories[first : first + BATCH]
-        cond = text.encode([story_prompt(s) for s in group])
+        cond = text.encode([joined_prompt(s) for s in group])
         shape = (len(group), group[0].num_latent_frames, teacher.config.in_dim, *latent_size)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + k))
         x0, _ = generate_ode_pairs(teacher, scheduler, noise, cond, uncond.expand(len(group), -1, -1),
@@ -170,7 +166,7 @@ def sighting_reliance(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: 
     frames = torch.arange(latents.shape[1])
     cells = cells * (frames[None] >= back[:, None])[:, :, None, None]
     ablated = torch.stack([without_sighting(x, s) for x, s in zip(latents, stories, strict=True)])
-    context = text.encode([story_prompt(s) for s in stories])
+    context = text.encode([joined_prompt(s) for s in stories])
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     target = scheduler.training_target(latents, noise)
     out: dict[str, dict[str, float]] = {"joint": {}, "clean_context": {}}

@@ -1029,12 +1029,17 @@ def min_return_clip_latent_frames(gap: int, chunk_frames: int = CHUNK_FRAMES) ->
     return chunk_frames * (-(-gap // chunk_frames) + 3)
 
 
+def joined_prompt(story: Narrative) -> str:
+    """A story's prompts as the one prompt of its training clip (what the teacher and stage 1 read)."""
+    return " ".join(s.prompt for s in story.segments)
+
+
 def sample_return_clip(
     rng: np.random.Generator, num_latent_frames: int, chunk_frames: int = CHUNK_FRAMES, gap: int = 0
 ) -> Clip:
     """The story of :func:`sample_return_story` as one training clip: its prompts joined into one."""
     story = sample_return_story(rng, num_latent_frames, chunk_frames, gap)
-    return Clip(" ".join(s.prompt for s in story.segments), story.frames, story.shots)
+    return Clip(joined_prompt(story), story.frames, story.shots)
 
 
 def sample_return_story(
