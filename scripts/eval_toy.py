@@ -61,6 +61,9 @@ DEFAULT_CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
 METRICS = ("identity_consistency", "background_consistency", "adherence", "duplicate_rate", "smoothness")
 STORIES = ("narratives", "returns")
 DEFAULT_FRAMES = {"narratives": 36, "returns": 21}
+# the segment field listing the subjects whose return bank_recall checks: a return story's gap is shorter than
+# the narratives' MEMORY_GAP, so its returning subject is not a memory subject
+TESTED = {"narratives": "memory_subjects", "returns": "returning_subjects"}
 
 
 @dataclasses.dataclass
@@ -77,8 +80,7 @@ class Rendered:
 def bank_recall(narrative: Narrative, trace: dict, tested: str = "memory_subjects") -> float:
     """Share of layers whose bank, at the first chunk of a memory subject's return, holds a latent frame in
     which the true video shows that subject; averaged over the narrative's memory tests (NaN without any).
-    ``tested`` names the segment field listing them (``returning_subjects`` for return stories, whose gap
-    is shorter than a narrative's)."""
+    ``tested`` names the segment field listing them (see ``TESTED``)."""
     banks = {chunk["start_frame"]: chunk["bank"] for chunk in trace["chunks"]}
     shares = []
     for segment in narrative.segments:
@@ -205,13 +207,12 @@ def evaluate(
     story)."""
     seeds = split_seeds(split, count)
     narratives = load_stories(stories, seeds, frames, gap)
-    tested = "returning_subjects" if stories == "returns" else "memory_subjects"
     with tempfile.TemporaryDirectory() as scratch:
         cfg = load_config(cfg_path, [*overrides, f"output_folder={scratch}", "save_trace=false"])
         plan = plan_run(cfg)
     components = build_components(plan)
     renderers = {m: NarrativeRenderer(components, dataclasses.replace(plan.stream, memory=m),
-                                      (plan.latent_height, plan.latent_width), tested) for m in modes}  # fmt: skip
+                                      (plan.latent_height, plan.latent_width), TESTED[stories]) for m in modes}  # fmt: skip
     oracle = Oracle()
     references = ["ground_truth", "vae_roundtrip"] if roundtrip else ["ground_truth"]
     scores: dict[str, list[dict]] = {**{r: [] for r in references}, **{m: [] for m in modes}}
