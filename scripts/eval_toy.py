@@ -211,8 +211,9 @@ def evaluate(
         cfg = load_config(cfg_path, [*overrides, f"output_folder={scratch}", "save_trace=false"])
         plan = plan_run(cfg)
     components = build_components(plan)
-    renderers = {m: NarrativeRenderer(components, dataclasses.replace(plan.stream, memory=m),
-                                      (plan.latent_height, plan.latent_width), TESTED[stories]) for m in modes}  # fmt: skip
+    latent_size = (plan.latent_height, plan.latent_width)
+    renderers = {m: NarrativeRenderer(components, dataclasses.replace(plan.stream, memory=m), latent_size,
+                                      TESTED[stories]) for m in modes}  # fmt: skip
     oracle = Oracle()
     references = ["ground_truth", "vae_roundtrip"] if roundtrip else ["ground_truth"]
     scores: dict[str, list[dict]] = {**{r: [] for r in references}, **{m: [] for m in modes}}
