@@ -36,6 +36,7 @@ from trainer.teacher_train import (  # noqa: E402
     TeacherTrainer,
     build_latent_cache,
     load_latent_cache,
+    read_teacher,
 )
 from trainer.vae_train import VAESettings, VAETrainer, colour_probe, reconstruction_error  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
@@ -176,6 +177,7 @@ def train_teacher(argv: list[str]) -> int:
     torch.set_num_threads(int(cfg.threads))
     overrides_dit = to_container(cfg.model_overrides)
     settings = TeacherSettings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
+    init_state = None if cfg.init_from is None else read_teacher(Path(cfg.init_from))  # before minutes of encoding
     cache_path = Path(cfg.cache_path)
     if not cache_path.is_file():
         vae_dir = Path(cfg.vae_dir)
@@ -188,8 +190,8 @@ def train_teacher(argv: list[str]) -> int:
                            str(cfg.uncond_prompt), cache_path, fraction, gap)  # fmt: skip
         print(f"teacher: encoded {len(seeds)} clips into {cache_path} in {time.perf_counter() - start:.0f} s")
     trainer = TeacherTrainer(settings, load_latent_cache(cache_path))
-    if cfg.init_from is not None:
-        trainer.load_weights(Path(cfg.init_from))
+    if init_state is not None:
+        trainer.load_weights(Path(cfg.init_from), init_state)
     params = sum(p.numel() for p in trainer.model.parameters())
     print(f"teacher: {params / 1e6:.2f} M parameters, {len(trainer.latents)} cached clips")
     metrics = MetricsFile(Path(cfg.metrics), "teacher")

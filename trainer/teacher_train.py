@@ -160,6 +160,14 @@ def flow_matching_loss(
     return error.mean() if weight is None else (error * weight[:, :, None]).mean()
 
 
+def read_teacher(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights of a teacher folder (``folder/diffusion_pytorch_model.safetensors``), for ``init_from``."""
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise WeightsError(f"init_from={folder} holds no {WEIGHTS_FILE}; give a folder a teacher run wrote")
+    return load_file(str(path))
+
+
 class TeacherTrainer:
     """Trains a fresh bidirectional DiT on a latent cache; ``save`` writes the Wan-named safetensors."""
 
@@ -191,13 +199,11 @@ class TeacherTrainer:
             weight = 1.0 + self.settings.subject_weight * self.subjects[index].float()
         return self.latents[index], context, weight
 
-    def load_weights(self, folder: Path) -> None:
-        """Continue from a teacher this trainer saved (``folder/diffusion_pytorch_model.safetensors``)."""
-        path = Path(folder) / WEIGHTS_FILE
-        if not path.is_file():
-            raise WeightsError(f"init_from={folder} holds no {WEIGHTS_FILE}; give a folder a teacher run wrote")
+    def load_weights(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Continue from a teacher this trainer saved in ``folder``; ``state`` is its :func:`read_teacher`, when
+        already read."""
         try:
-            self.model.load_state_dict(load_file(str(path)))
+            self.model.load_state_dict(read_teacher(folder) if state is None else state)
         except RuntimeError as error:
             detail = str(error).splitlines()[-1].strip()
             raise WeightsError(f"init_from={folder} is a teacher of another shape than model/model_overrides "
