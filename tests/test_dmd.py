@@ -168,3 +168,53 @@ def test_critic_loss_decreases_on_a_fixed_batch():
         assert torch.isfinite(log["critic_loss"])
     assert losses[-1] < 0.7 * losses[0]
     assert all(p.grad is None for p in real.parameters())
+
+
+def test_masked_dmd_loss_with_every_frame_scored_is_the_plain_loss():
+    x0, real, fake = _latents().double(), _latents(seed=1).double(), _latents(seed=2).double()
+    plain, _ = dmd_loss(x0, real, fake)
+    masked, _ = dmd_loss(x0, real, fake, torch.ones(2, 3, dtype=torch.bool))
+    assert masked.item() == pytest.approx(plain.item(), rel=1e-12)
+
+
+def test_clean_context_keeps_whole_leading_chunks_clean_and_judges_only_the_rest():
+    sched, chunk, frames = FlowMatchScheduler(), 3, 9
+    calls = []
+
+    def zero_flow(xt, t, context):
+        calls.append((xt, t))
+        return torch.zeros_like(xt)
+
+    def unit_flow(xt, t, context):
+        return torch.ones_like(xt)
+
+    objective = DMDObjective(zero_flow, unit_flow, sched, ScoreTimestepSampler(), guidance_scale=0.0,
+                             context_chunk=chunk)  # fmt: skip
+    x0, cond = _latents(b=64, f=frames).requires_grad_(), torch.randn(64, 5, 32)
+    loss, log = objective.generator_loss(x0, cond, uncond=cond)
+    loss.backward()
+    t = calls[0][1]
+    clean = t == sched.timesteps[-1]
+    starts = clean.sum(dim=1)
+    assert set(starts.tolist()) == {chunk, 2 * chunk}  # one or two whole chunks, never none or all
+    assert torch.equal(clean, torch.arange(frames)[None] < starts[:, None])
+    assert (t[~clean] >= 20).all()
+    assert (x0.grad[clean] == 0).all() and (x0.grad[~clean] != 0).all()
+    assert log["dmd_timestep_mean"].item() == pytest.approx(t[~clean].mean().item())
+
+    calls.clear()
+    objective.fake_score = zero_flow
+    critic, _ = objective.critic_loss(x0.detach(), cond)
+    xt, t = calls[0]
+    scored = t != sched.timesteps[-1]
+    sigma = sched.sigma(t)[..., None, None, None]
+    noise = (xt - (1 - sigma) * x0.detach()) / sigma
+    per_frame = (noise - x0.detach()).pow(2).flatten(2).mean(2)
+    assert critic.item() == pytest.approx(per_frame[scored].mean().item(), rel=1e-4)
+
+
+def test_clean_context_needs_two_chunks():
+    model = _tiny(0)
+    objective = DMDObjective(model, model, FlowMatchScheduler(), ScoreTimestepSampler(), context_chunk=3)
+    with pytest.raises(ValueError, match="two 3-frame chunks"):
+        objective.critic_loss(_latents(f=3), torch.randn(2, 5, 32))

@@ -241,6 +241,9 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     _expect(tmp_path, ConfigError, "--stage long but the config is for stage init", stage="long",
             config=str(TINY / "train_init.yaml"))
     _expect(tmp_path, ConfigError, "wandb is not installed", "wandb_project=memflow")
+    _expect(tmp_path, ConfigError, "score_context=clean .* two 3-frame chunks", "score_context=clean",
+            "num_training_frames=3", "image_or_video_shape=[1,3,16,8,8]")
+    _expect(tmp_path, ConfigError, "score_context", "score_context=noisy")
     _expect(tmp_path, ConfigError, "ode_steps: num_steps=6 puts no Euler step", "ode_steps=6", stage="ode_init")
     teacher = tmp_path / "teacher.safetensors"
     save_file(build_dit("tiny", text_dim=384, text_len=64, num_layers=1).state_dict(), teacher)

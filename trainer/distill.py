@@ -106,6 +106,9 @@ from .rollout import (
 log = logging.getLogger(__name__)
 
 STAGES = ("ode_init", "init", "long")
+# How the real and fake scores see a generated window: all frames equally noisy (the release) or a
+# clean leading context with only the later chunks noised (see DMDObjective).
+SCORE_CONTEXTS = ["joint", "clean"]
 SHARDING = {"full": "full", "hybrid": "hybrid", "hybrid_full": "hybrid"}
 CHECKPOINT_FORMAT = "memflow-train-1"
 # Keys that must match for a logdir's checkpoints to belong to this run (anything else may change on resume).
@@ -383,6 +386,11 @@ def plan_training(
         require_number(cfg, "max_grad_norm_critic", minimum=0.0)
         ScoreTimestepSampler(top_shift, require_number(cfg, "min_score_timestep"),
                              require_number(cfg, "max_score_timestep"))  # fmt: skip
+        if require_choice(cfg, "score_context", SCORE_CONTEXTS) == "clean" and num_frames < 2 * chunk:
+            raise ConfigError(
+                f"score_context=clean keeps whole chunks clean and scores the rest, so it needs at least two "
+                f"{chunk}-frame chunks per scored window, got {num_frames}; use score_context=joint or longer rollouts"
+            )
     else:
         try:
             record_indices(stream.denoising_step_list, require_positive_int(cfg, "ode_steps"), 1000)
@@ -917,8 +925,10 @@ class DistillTrainer:
         with torch.no_grad():
             negative = encoder.encode([cfg.negative_prompt])
         sampler = ScoreTimestepSampler(plan.stream.timestep_shift, cfg.min_score_timestep, cfg.max_score_timestep)
+        clean = cfg.score_context == "clean"
         self.dmd = DMDObjective(nets.teacher, nets.critic, self.scheduler, sampler,
-                                guidance_scale=cfg.guidance_scale, negative_context=negative)  # fmt: skip
+                                guidance_scale=cfg.guidance_scale, negative_context=negative,
+                                context_chunk=plan.stream.num_frame_per_block if clean else None)  # fmt: skip
         self.gen_opt = adamw(nets.generator, cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay)
         self.critic_opt = adamw(nets.critic, cfg.lr_critic, cfg.beta1_critic, cfg.beta2_critic, cfg.weight_decay)
         self.ema = EMA(nets.generator, cfg.ema_weight, cfg.ema_start_step)

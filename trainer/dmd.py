@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from memflow.errors import ConfigError
 from memflow.scheduler import FlowMatchScheduler
@@ -72,26 +71,36 @@ def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: fl
 
 
 def dmd_loss(
-    x0: torch.Tensor, real_x0_pred: torch.Tensor, fake_x0_pred: torch.Tensor
+    x0: torch.Tensor, real_x0_pred: torch.Tensor, fake_x0_pred: torch.Tensor, scored: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DMD generator loss for samples x0 [B, ...] given the real and fake scores' x0 predictions.
+    """DMD generator loss for samples x0 [B, F, ...] given the real and fake scores' x0 predictions.
 
     grad = (fake - real) / mean|x0 - real| (the mean per sample, over every non-batch dim), with
     NaNs set to zero; loss = 0.5 * F.mse_loss(x0, stopgrad(x0 - grad), reduction="mean") in
     float64. With mean reduction the loss value is 0.5 * mean(grad**2) and its gradient with
     respect to x0 is grad / x0.numel(): "0.5 * ||x0 - stopgrad(x0 - grad)||^2" divided by the
     number of elements.
+
+    ``scored`` [B, F] (bool) limits all three means to those frames and zeroes the gradient of the
+    others: the frames that were given as clean context are not being judged.
     """
     with torch.no_grad():
         real = real_x0_pred.double()
         dims = tuple(range(1, x0.dim()))
-        normalizer = (x0.double() - real).abs().mean(dim=dims, keepdim=True)
-        grad = (fake_x0_pred.double() - real) / normalizer
+        weight = torch.ones_like(real) if scored is None else _frame_mask(scored, real)
+        count = weight.sum(dim=dims, keepdim=True)
+        normalizer = ((x0.double() - real).abs() * weight).sum(dim=dims, keepdim=True) / count
+        grad = (fake_x0_pred.double() - real) / normalizer * weight
         grad = torch.where(torch.isnan(grad), torch.zeros_like(grad), grad)
     x0_64 = x0.double()
-    loss = 0.5 * F.mse_loss(x0_64, (x0_64 - grad).detach(), reduction="mean")
+    loss = 0.5 * ((x0_64 - (x0_64 - grad).detach()).pow(2) * weight).sum() / count.sum()
     log = {"dmd_gradient_norm": grad.norm().detach(), "dmd_normalizer": normalizer.mean().detach()}
     return loss, log
+
+
+def _frame_mask(frames: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-frame [B, F] mask broadcast to ``like`` [B, F, ...] in its dtype."""
+    return frames.reshape(*frames.shape, *([1] * (like.dim() - 2))).to(like.dtype).expand_as(like)
 
 
 class DMDObjective:
@@ -103,6 +112,14 @@ class DMDObjective:
     (the release uses one per sample). ``weight_critic_loss`` weights the critic's per-frame
     loss by the scheduler's ``linear_timesteps_weights`` (off by default, as in the release's
     flow loss, which is an unweighted MSE).
+
+    ``context_chunk`` (the generator's chunk length in latent frames) switches both scores from the
+    release's joint noising, where every frame of a sample is equally noisy, to a clean context:
+    each sample keeps a random number of whole leading chunks (at least one, never all) almost clean
+    (the scheduler's lowest timestep) and noises the rest; both losses judge only the noised frames.
+    A causal generator makes each chunk from clean earlier chunks, and a score that sees them clean
+    says how a chunk should follow from them (bring a subject back as it was), which a score of
+    equally noisy frames barely can.
     """
 
     def __init__(
@@ -116,6 +133,7 @@ class DMDObjective:
         negative_context: torch.Tensor | None = None,
         per_frame_timesteps: bool = False,
         weight_critic_loss: bool = False,
+        context_chunk: int | None = None,
     ):
         if guidance_scale < 0:
             raise ConfigError(f"guidance_scale={guidance_scale}: must be >= 0 (the release uses 3.0)")
@@ -127,13 +145,23 @@ class DMDObjective:
         self.negative_context = negative_context
         self.per_frame_timesteps = per_frame_timesteps
         self.weight_critic_loss = weight_critic_loss
+        self.context_chunk = context_chunk
 
-    def _noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_t, t, noise) with t from the score timestep sampler."""
+    def _noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(x_t, t, noise, scored frames [B, F] or None for all) with t from the score timestep sampler."""
         b, f = x0.shape[:2]
         t = self.timestep_sampler(b, f if self.per_frame_timesteps else None, device=x0.device)
+        scored = None
+        if self.context_chunk is not None:
+            chunks = f // self.context_chunk
+            if chunks < 2:
+                raise ValueError(f"a clean context needs two {self.context_chunk}-frame chunks, got {f} frames")
+            start = torch.randint(1, chunks, (b, 1), device=x0.device) * self.context_chunk
+            scored = torch.arange(f, device=x0.device)[None] >= start
+            clean = self.scheduler.timesteps[-1].to(device=x0.device, dtype=t.dtype)
+            t = torch.where(scored, t if t.dim() == 2 else t[:, None], clean)
         noise = torch.randn_like(x0)
-        return self.scheduler.add_noise(x0, noise, t), t, noise
+        return self.scheduler.add_noise(x0, noise, t), t, noise, scored
 
     def _x0(self, model: ScoreModel, xt: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.scheduler.flow_to_x0(model(xt, t, context), xt, t)
@@ -157,11 +185,11 @@ class DMDObjective:
         """DMD loss of generator samples x0 [B, F, C, H, W]; gradient flows only into x0."""
         uncond = self._uncond(uncond, x0.shape[0])
         with torch.no_grad():
-            xt, t, _ = self._noised(x0.detach())
+            xt, t, _, scored = self._noised(x0.detach())
             fake = self._x0(self.fake_score, xt, t, cond)
             real = self.real_x0(xt, t, cond, uncond)
-        loss, log = dmd_loss(x0, real, fake)
-        log["dmd_timestep_mean"] = t.float().mean()
+        loss, log = dmd_loss(x0, real, fake, scored)
+        log["dmd_timestep_mean"] = t.float().mean() if scored is None else t[scored].float().mean()
         return loss, log
 
     def critic_loss(self, x0: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -171,15 +199,18 @@ class DMDObjective:
         the critic predicts, as in the release; an x0-space MSE would be sigma^2 times this one
         and all but ignore the low-noise timesteps.
         """
-        xt, t, noise = self._noised(x0.detach())
+        xt, t, noise, scored = self._noised(x0.detach())
         flow = self.fake_score(xt, t, cond)
         target = self.scheduler.training_target(x0.detach(), noise)
         per_frame = (flow.float() - target.float()).pow(2).flatten(2).mean(dim=2)
         if self.weight_critic_loss:
             weights = self._timestep_weights(t)
             per_frame = per_frame * (weights if weights.dim() == 2 else weights[:, None])
-        loss = per_frame.mean()
-        return loss, {"critic_loss": loss.detach(), "critic_timestep_mean": t.float().mean()}
+        if scored is None:
+            loss, mean_t = per_frame.mean(), t.float().mean()
+        else:
+            loss, mean_t = per_frame[scored].mean(), t[scored].float().mean()
+        return loss, {"critic_loss": loss.detach(), "critic_timestep_mean": mean_t}
 
     def _timestep_weights(self, t: torch.Tensor) -> torch.Tensor:
         """``linear_timesteps_weights`` at the grid timestep nearest to each t."""
