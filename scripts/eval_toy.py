@@ -61,6 +61,10 @@ DEFAULT_CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
 METRICS = ("identity_consistency", "background_consistency", "adherence", "duplicate_rate", "smoothness")
 STORIES = ("narratives", "returns")
 DEFAULT_FRAMES = {"narratives": 36, "returns": 21}
+# how a story's prompts reach the generator by default: a narrative's one at a time, switched at each segment
+# (the interactive use), a return story's joined into one (as its training clip has them)
+PROMPTINGS = ("switched", "joined")
+DEFAULT_PROMPTING = {"narratives": "switched", "returns": "joined"}
 # the segment field listing the subjects whose return bank_recall checks: a return story's gap is shorter than
 # the narratives' MEMORY_GAP, so its returning subject is not a memory subject
 TESTED = {"narratives": "memory_subjects", "returns": "returning_subjects"}
@@ -138,10 +142,10 @@ def load_stories(kind: str, seeds: Sequence[int], frames: int, gap: int) -> list
         raise ConfigError(f"--frames {frames}{extra}: {err}") from None
 
 
-def prompt_schedule(story: Narrative, kind: str) -> dict[int, str]:
-    """The prompt that takes over at each start frame: a narrative's switch at every segment, a return story's
-    one joined prompt throughout."""
-    if kind == "returns":
+def prompt_schedule(story: Narrative, prompting: str) -> dict[int, str]:
+    """The prompt that takes over at each start frame: ``switched``, each segment's own from its first frame;
+    ``joined``, all of them as one prompt throughout."""
+    if prompting == "joined":
         return {0: joined_prompt(story)}
     return {segment.start: segment.prompt for segment in story.segments}
 
@@ -202,9 +206,11 @@ def evaluate(
     split: str = "test",
     stories: str = "narratives",
     gap: int = 9,
+    prompting: str | None = None,
 ) -> dict:
     """Generate and score ``count`` held-out narratives (or return stories) in every mode (modes interleaved per
-    story)."""
+    story). ``prompting`` (see ``PROMPTINGS``) defaults to the kind of story's ``DEFAULT_PROMPTING``."""
+    prompting = prompting or DEFAULT_PROMPTING[stories]
     seeds = split_seeds(split, count)
     narratives = load_stories(stories, seeds, frames, gap)
     with tempfile.TemporaryDirectory() as scratch:
@@ -219,7 +225,7 @@ def evaluate(
     scores: dict[str, list[dict]] = {**{r: [] for r in references}, **{m: [] for m in modes}}
     timings: dict[str, list[float]] = {m: [] for m in modes}
     for index, (seed, narrative) in enumerate(zip(seeds, narratives, strict=True)):
-        schedule = prompt_schedule(narrative, stories)
+        schedule = prompt_schedule(narrative, prompting)
         texts = list(dict.fromkeys(schedule.values()))
         with torch.no_grad():
             embeddings = dict(zip(texts, components.text_encoder.encode(texts), strict=True))
@@ -236,7 +242,8 @@ def evaluate(
             scores[mode].append({**oracle.score(narrative, rendered.frames), "bank_recall": rendered.bank_recall})
             timings[mode].append(rendered.generate_s)
     rows = summarise(scores, timings, int(narratives[0].frames.shape[0]))
-    return {"narratives": count, "split": split, "stories": stories, "gap": gap if stories == "returns" else None,
+    return {"narratives": count, "split": split, "stories": stories, "prompting": prompting,
+            "gap": gap if stories == "returns" else None,
             "latent_frames": frames, "seeds": [seeds[0], seeds[-1]], "config": str(cfg_path),
             "overrides": list(overrides), "modes": rows}  # fmt: skip
 
@@ -266,6 +273,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stories", choices=STORIES, default="narratives",
                         help="narratives (the table) or return stories (the task distillation trains memory on)")
     parser.add_argument("--gap", type=int, default=9, help="latent frames a return story's subject is away")
+    parser.add_argument("--prompts", choices=PROMPTINGS, default=None,
+                        help="each segment's prompt switched in at its start (narratives' default) or all joined "
+                             "into one (return stories' default)")  # fmt: skip
     args, rest = parser.parse_known_args(argv)
     if args.narratives < 1:
         raise ConfigError(f"--narratives {args.narratives}: give at least 1")
@@ -274,11 +284,12 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     frames = DEFAULT_FRAMES[args.stories] if args.frames is None else args.frames
     result = evaluate(config_path, overrides, args.narratives, modes, frames, args.roundtrip, args.split,
-                      args.stories, args.gap)  # fmt: skip
+                      args.stories, args.gap, args.prompts)  # fmt: skip
     if args.json:
         print(json.dumps(json_safe(result), indent=2, allow_nan=False))
     else:
         kind = "narratives" if args.stories == "narratives" else f"return stories (gap {args.gap})"
+        kind += f", {result['prompting']} prompts"
         print(f"{args.narratives} held-out {kind} ({args.split} seeds {result['seeds'][0]}..{result['seeds'][1]}), "
               f"{frames} latent frames each\n")  # fmt: skip
         print(markdown(result["modes"]))

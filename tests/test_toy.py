@@ -408,15 +408,17 @@ def test_eval_scores_return_stories_from_their_joined_prompt(monkeypatch) -> Non
                       "--json", "--split", "validation", *RANDOM_WEIGHTS)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
-    assert (result["stories"], result["gap"], result["latent_frames"]) == ("returns", 9, 21)
+    assert (result["stories"], result["prompting"], result["gap"], result["latent_frames"]) == ("returns", "joined",
+                                                                                                9, 21)
     assert result["modes"]["nam"]["identity_vs_none"]["pairs"] == 1  # every return story tests identity
     assert 0.0 <= result["modes"]["nam"]["bank_recall"] <= 1.0
     eval_toy = load_eval_toy(monkeypatch)
     seed = split_seeds("validation", 1)[0]
     story = return_story_from_seed(seed, 21, 9)
-    assert eval_toy.prompt_schedule(story, "returns") == {0: return_clip_from_seed(seed, 21, 9).text}
+    assert eval_toy.prompt_schedule(story, "joined") == {0: return_clip_from_seed(seed, 21, 9).text}
+    assert eval_toy.prompt_schedule(story, "switched") == {s.start: s.prompt for s in story.segments}
     narrative = narrative_from_seed(split_seeds("test", 1)[0], 36)
-    assert eval_toy.prompt_schedule(narrative, "narratives") == {s.start: s.prompt for s in narrative.segments}
+    assert eval_toy.prompt_schedule(narrative, "switched") == {s.start: s.prompt for s in narrative.segments}
     bad = run_script("scripts/eval_toy.py", "--stories", "returns", "--frames", "12", *RANDOM_WEIGHTS)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--frames 12 --gap 9" in bad.stderr
 
