@@ -76,10 +76,9 @@ def dmd_loss(
     """DMD generator loss for samples x0 [B, F, ...] given the real and fake scores' x0 predictions.
 
     grad = (fake - real) / mean|x0 - real| (the mean per sample, over every non-batch dim), with
-    NaNs set to zero; loss = 0.5 * F.mse_loss(x0, stopgrad(x0 - grad), reduction="mean") in
-    float64. With mean reduction the loss value is 0.5 * mean(grad**2) and its gradient with
-    respect to x0 is grad / x0.numel(): "0.5 * ||x0 - stopgrad(x0 - grad)||^2" divided by the
-    number of elements.
+    NaNs set to zero; loss = 0.5 * mean((x0 - stopgrad(x0 - grad))**2) in float64, the release's
+    mean-reduced MSE. Its value is 0.5 * mean(grad**2) and its gradient with respect to x0 is
+    grad / x0.numel(): "0.5 * ||x0 - stopgrad(x0 - grad)||^2" divided by the number of elements.
 
     ``scored`` [B, F] (bool) limits all three means to those frames and zeroes the gradient of the
     others: the frames that were given as clean context are not being judged.
