@@ -102,6 +102,11 @@ def _frame_mask(frames: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return frames.reshape(*frames.shape, *([1] * (like.dim() - 2))).to(like.dtype).expand_as(like)
 
 
+def _scored_mean(values: torch.Tensor, scored: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-sample [B] or per-frame [B, F] values over the scored frames (all when ``scored`` is None)."""
+    return values.mean() if scored is None else values[scored].mean()
+
+
 class DMDObjective:
     """The generator's DMD loss and the critic's flow-matching loss on generator samples.
 
@@ -188,7 +193,7 @@ class DMDObjective:
             fake = self._x0(self.fake_score, xt, t, cond)
             real = self.real_x0(xt, t, cond, uncond)
         loss, log = dmd_loss(x0, real, fake, scored)
-        log["dmd_timestep_mean"] = t.float().mean() if scored is None else t[scored].float().mean()
+        log["dmd_timestep_mean"] = _scored_mean(t.float(), scored)
         return loss, log
 
     def critic_loss(self, x0: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -205,11 +210,8 @@ class DMDObjective:
         if self.weight_critic_loss:
             weights = self._timestep_weights(t)
             per_frame = per_frame * (weights if weights.dim() == 2 else weights[:, None])
-        if scored is None:
-            loss, mean_t = per_frame.mean(), t.float().mean()
-        else:
-            loss, mean_t = per_frame[scored].mean(), t[scored].float().mean()
-        return loss, {"critic_loss": loss.detach(), "critic_timestep_mean": mean_t}
+        loss = _scored_mean(per_frame, scored)
+        return loss, {"critic_loss": loss.detach(), "critic_timestep_mean": _scored_mean(t.float(), scored)}
 
     def _timestep_weights(self, t: torch.Tensor) -> torch.Tensor:
         """``linear_timesteps_weights`` at the grid timestep nearest to each t."""
