@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
     with torch.no_grad():
         pixels = components.vae.decode(latents[None].to(plan.dtype))[0].float().numpy()
     report = Oracle().evaluate(narrative, from_model_pixels(pixels))
+    report.pop("identity_pairs")  # the observations it holds are in report["segments"] already
     report["narrative"] = narrative.to_json()
     report["video"] = result.video.name
     report["seconds"] = time.perf_counter() - start

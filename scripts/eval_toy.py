@@ -13,6 +13,11 @@ VAE's streaming decoder; all modes get the same noise. Prints one markdown table
 oracle's means and the generation speed (DiT only; the decode is the same for every mode) relative to
 ``none`` measured in the same run. A ``ground_truth`` row scores the world's own videos and, with
 ``--roundtrip``, a ``vae_roundtrip`` row their VAE encode-decode (what a perfect generator could reach).
+``identity by chance`` is the identity a row's returning subjects score against the earlier subjects of
+the row's other stories (``utils.oracle.chance_identity``): the floor a generator reaches with no memory of
+the story at hand, higher the more alike it draws subjects and the more reliably it draws one at all. The
+``above chance`` column compares identity minus that floor with ``none``'s, story by story: the memory
+effect with those two confounds taken out.
 For the modes with a memory bank, ``bank_recall`` says whether memory even held the returning subject:
 the share of layers whose bank, at the return, holds a latent frame showing it in the true video.
 
@@ -46,7 +51,7 @@ from pipeline.inference import Components, build_components, plan_run  # noqa: E
 from pipeline.streaming import StreamingGenerator  # noqa: E402
 from trainer.vae_train import roundtrip_frames  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
-from utils.oracle import Oracle, aggregate, paired_difference  # noqa: E402
+from utils.oracle import Oracle, aggregate, chance_identity, paired_difference  # noqa: E402
 from utils.world import (  # noqa: E402
     Narrative,
     from_model_pixels,
@@ -58,7 +63,8 @@ from utils.world import (  # noqa: E402
 )
 
 DEFAULT_CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
-METRICS = ("identity_consistency", "background_consistency", "adherence", "duplicate_rate", "smoothness")
+METRICS = ("identity_consistency", "identity_chance", "background_consistency", "adherence", "duplicate_rate",
+           "smoothness")
 STORIES = ("narratives", "returns")
 DEFAULT_FRAMES = {"narratives": 36, "returns": 21}
 # how a story's prompts reach the generator by default: a narrative's one at a time, switched at each segment
@@ -158,6 +164,15 @@ def parse_modes(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
+def add_chance(scores: list[dict], pairs: list) -> None:
+    """Give each story's scores its ``identity_chance`` (:func:`utils.oracle.chance_identity`, over the row's
+    other stories) and ``identity_above_chance``: identity minus that floor, the part only memory of this
+    story explains."""
+    for score, chance in zip(scores, chance_identity(pairs), strict=True):
+        score["identity_chance"] = chance
+        score["identity_above_chance"] = score["identity_consistency"] - chance
+
+
 def summarise(scores: dict[str, list[dict]], timings: dict[str, list[float]], pixel_frames: int) -> dict:
     """Per row: oracle means (NaN-aware), test counts, generation FPS and its ratio to ``none``."""
     rows = {}
@@ -173,6 +188,7 @@ def summarise(scores: dict[str, list[dict]], timings: dict[str, list[float]], pi
     for mode, row in rows.items():
         if mode in timings and mode != "none" and "none" in scores:
             row["identity_vs_none"] = paired_difference(scores[mode], scores["none"], "identity_consistency")
+            row["above_chance_vs_none"] = paired_difference(scores[mode], scores["none"], "identity_above_chance")
     return rows
 
 
@@ -185,13 +201,14 @@ def markdown(rows: dict[str, dict]) -> str:
             return "-"
         return f"{value['mean']:+.3f} ± {value['se']:.3f} ({value['wins']:.0f}:{value['losses']:.0f})"
 
-    head = ("| mode | identity consistency | background consistency | adherence | duplicate rate | smoothness "
-            "| generation FPS | FPS vs none | identity - none ± SE (wins:losses) | subject in bank |")  # fmt: skip
-    lines = [head, "|" + "---|" * 10]
+    head = ("| mode | identity consistency | identity by chance | background consistency | adherence "
+            "| duplicate rate | smoothness | generation FPS | FPS vs none | identity - none ± SE (wins:losses) "
+            "| above chance - none ± SE (wins:losses) | subject in bank |")  # fmt: skip
+    lines = [head, "|" + "---|" * 12]
     for mode, row in rows.items():
         lines.append("| " + " | ".join([mode, *(cell(row.get(k)) for k in METRICS), cell(row.get("generate_fps"), 1),
                                         cell(row.get("fps_vs_none"), 2), paired(row.get("identity_vs_none")),
-                                        cell(row.get("bank_recall"), 2)])
+                                        paired(row.get("above_chance_vs_none")), cell(row.get("bank_recall"), 2)])
                      + " |")  # fmt: skip
     return "\n".join(lines)
 
@@ -223,24 +240,33 @@ def evaluate(
     oracle = Oracle()
     references = ["ground_truth", "vae_roundtrip"] if roundtrip else ["ground_truth"]
     scores: dict[str, list[dict]] = {**{r: [] for r in references}, **{m: [] for m in modes}}
+    pairs: dict[str, list] = {row: [] for row in scores}
     timings: dict[str, list[float]] = {m: [] for m in modes}
+
+    def judge(row: str, narrative: Narrative, frames: np.ndarray, **extra: float) -> None:
+        report = oracle.evaluate(narrative, frames)
+        scores[row].append({**report["metrics"], **extra})
+        pairs[row].append(report["identity_pairs"])
+
     for index, (seed, narrative) in enumerate(zip(seeds, narratives, strict=True)):
         schedule = prompt_schedule(narrative, prompting)
         texts = list(dict.fromkeys(schedule.values()))
         with torch.no_grad():
             embeddings = dict(zip(texts, components.text_encoder.encode(texts), strict=True))
         prompts = {first: embeddings[text] for first, text in schedule.items()}
-        scores["ground_truth"].append(oracle.score(narrative, narrative.frames))
+        judge("ground_truth", narrative, narrative.frames)
         if roundtrip:
-            scores["vae_roundtrip"].append(oracle.score(narrative, roundtrip_frames(components.vae, narrative.frames)))
+            judge("vae_roundtrip", narrative, roundtrip_frames(components.vae, narrative.frames))
         if index == 0:  # warm-up, untimed: the first calls of a process allocate and pick kernels
             for mode in modes:
                 renderers[mode].render(narrative, prompts, int(seed))
         # the order rotates so that slow drifts of a shared CPU hit every mode alike
         for mode in modes[index % len(modes) :] + modes[: index % len(modes)]:
             rendered = renderers[mode].render(narrative, prompts, int(seed))
-            scores[mode].append({**oracle.score(narrative, rendered.frames), "bank_recall": rendered.bank_recall})
+            judge(mode, narrative, rendered.frames, bank_recall=rendered.bank_recall)
             timings[mode].append(rendered.generate_s)
+    for row, values in scores.items():
+        add_chance(values, pairs[row])
     rows = summarise(scores, timings, int(narratives[0].frames.shape[0]))
     return {"narratives": count, "split": split, "stories": stories, "prompting": prompting,
             "gap": gap if stories == "returns" else None,

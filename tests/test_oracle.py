@@ -197,3 +197,19 @@ def test_aggregate_skips_missing_tests():
     ])
     assert result == {"narratives": 2.0, "identity_consistency": 0.75, "background_consistency": 0.8,
                       "identity_tests": 3.0}
+
+
+def test_chance_identity_is_the_floor_without_memory(judge, narratives):
+    """Ground truth draws each story its own subject: far above chance. A generator that draws one subject for
+    every story matches it perfectly everywhere, and chance says so: nothing above it."""
+    reports = [judge.evaluate(n, n.frames) for n in narratives]
+    pairs = [r["identity_pairs"] for r in reports]
+    assert all(len(p) == r["metrics"]["identity_tests"] for p, r in zip(pairs, reports, strict=True))
+    chance = oracle.chance_identity(pairs)
+    identity = [r["metrics"]["identity_consistency"] for r in reports]
+    assert np.nanmean(identity) == 1.0 and 0.05 < np.nanmean(chance) < 0.6
+    one = reports[0]["identity_pairs"][0][0]
+    assert oracle.chance_identity([[(one, one)]] * 3) == [1.0, 1.0, 1.0]
+    missing = replace(one, presence=0.0)  # a return the generator never drew matches nothing
+    first, second, untested = oracle.chance_identity([[(one, one)], [(missing, one)], []])
+    assert (first, second) == (1.0, 0.0) and np.isnan(untested)

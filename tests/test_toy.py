@@ -400,17 +400,23 @@ def test_eval_prints_json_per_mode(tmp_path: Path) -> None:
     assert set(result["modes"]) == {"ground_truth", "none", "nam"}
     assert result["modes"]["none"]["fps_vs_none"] == 1.0 and result["modes"]["nam"]["generate_fps"] > 0
     assert result["modes"]["nam"]["identity_vs_none"]["pairs"] in (0, 1)
+    # one story: no other story to set a chance floor against
+    assert result["modes"]["nam"]["identity_chance"] is None and "above_chance_vs_none" in result["modes"]["nam"]
     assert result["modes"]["ground_truth"]["adherence"] > 0.9
 
 
 def test_eval_scores_return_stories_from_their_joined_prompt(monkeypatch) -> None:
-    proc = run_script("scripts/eval_toy.py", "--stories", "returns", "--narratives", "1", "--modes", "none,nam",
+    proc = run_script("scripts/eval_toy.py", "--stories", "returns", "--narratives", "2", "--modes", "none,nam",
                       "--json", "--split", "validation", *RANDOM_WEIGHTS)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert (result["stories"], result["prompting"], result["gap"], result["latent_frames"]) == ("returns", "joined",
                                                                                                 9, 21)
-    assert result["modes"]["nam"]["identity_vs_none"]["pairs"] == 1  # every return story tests identity
+    assert result["modes"]["nam"]["identity_vs_none"]["pairs"] == 2  # every return story tests identity
+    assert result["modes"]["nam"]["above_chance_vs_none"]["pairs"] == 2
+    truth = result["modes"]["ground_truth"]
+    assert truth["identity_consistency"] == 1.0 and truth["identity_chance"] < 1.0
+    assert truth["identity_above_chance"] == pytest.approx(1.0 - truth["identity_chance"])
     assert 0.0 <= result["modes"]["nam"]["bank_recall"] <= 1.0
     eval_toy = load_eval_toy(monkeypatch)
     seed = split_seeds("validation", 1)[0]

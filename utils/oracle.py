@@ -15,7 +15,9 @@ visibility - never its ground-truth frames) and generated frames ``uint8 [T, 64,
 3. scores, all in [0, 1]:
 
    - ``identity_consistency``: a returning subject's colour, shape and pattern compared with its own
-     earlier appearance in the SAME video (0 when either appearance is missing);
+     earlier appearance in the SAME video (0 when either appearance is missing). A generator with no
+     memory at all still scores by chance, the more so the more alike it draws every subject and the
+     more reliably it draws one at all; :func:`chance_identity` measures that floor across videos;
    - ``background_consistency``: a returning scene's row-colour profile compared with its earlier
      appearance in the same video, zero unless at least half of both is recognisable background;
    - ``adherence``: share of attributes the prompts state (size, colour, pattern, shape, scene) that
@@ -33,6 +35,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,7 +313,8 @@ class Oracle:
         return self.evaluate(narrative, frames)["metrics"]
 
     def evaluate(self, narrative: Narrative, frames: np.ndarray) -> dict:
-        """``{"metrics": {...}, "segments": [per-segment observations]}`` for a report."""
+        """``{"metrics": {...}, "segments": [per-segment observations], "identity_pairs": [(now, before)]}``: the
+        observations each identity test compared, for :func:`chance_identity`."""
         frames = np.asarray(frames)
         if frames.shape != narrative.frames.shape or frames.dtype != np.uint8:
             raise ValueError(f"expected uint8 frames of shape {narrative.frames.shape}, got {frames.dtype} "
@@ -321,12 +325,13 @@ class Oracle:
         assigned = self._assign(narrative, comps, classes)
         observations = [{sid: self._observe(narrative, [segment], sid, assigned, comps, classes)
                          for sid in segment.subjects} for segment in narrative.segments]
-        identity = []
+        pairs = []
         for index, segment in enumerate(narrative.segments):
             for sid in segment.returning_subjects:
                 earlier = [s for s in narrative.segments[:index] if sid in s.subjects]
-                before = self._observe(narrative, earlier, sid, assigned, comps, classes)
-                identity.append(identity_similarity(observations[index][sid], before))
+                pairs.append((observations[index][sid], self._observe(narrative, earlier, sid, assigned, comps,
+                                                                      classes)))
+        identity = [identity_similarity(now, before) for now, before in pairs]
         backgrounds = [segment_background(frames[s.pixel_start : s.pixel_end], mask[s.pixel_start : s.pixel_end])
                        for s in narrative.segments]
         clean = [1.0 - mask[s.pixel_start : s.pixel_end].mean() for s in narrative.segments]
@@ -360,7 +365,7 @@ class Oracle:
              "subjects": {str(sid): vars(obs) for sid, obs in observations[i].items()}}
             for i, s in enumerate(narrative.segments)
         ]
-        return {"metrics": metrics, "segments": segments}
+        return {"metrics": metrics, "segments": segments, "identity_pairs": pairs}
 
     @staticmethod
     def _assign(narrative: Narrative, comps: Components, classes: Classes) -> dict[tuple[int, int], int]:
@@ -426,6 +431,18 @@ class Oracle:
         continuous = (count[pairs + 1][both] == count[pairs][both]) & (moved.max(1) <= JUMP)
         motion = continuous.mean() if len(continuous) else 1.0
         return float(steadiness.mean() * motion)
+
+
+def chance_identity(pairs: Sequence[Sequence[tuple[Observation, Observation]]]) -> list[float]:
+    """Per video, the identity its returning subjects score against the earlier subjects of every OTHER video
+    (``pairs[i]``: video i's (now, before) identity tests, all from one generator): what that generator reaches
+    with no memory of the video at hand. NaN for a video without a test, or when no other video has one."""
+    chance = []
+    for i, tests in enumerate(pairs):
+        others = [before for j, other in enumerate(pairs) if j != i for _, before in other]
+        chance.append(_mean([identity_similarity(now, before) for now, _ in tests for before in others])
+                      if tests and others else float("nan"))  # fmt: skip
+    return chance
 
 
 def _mean(values: list) -> float:
