@@ -16,8 +16,10 @@ oracle's means and the generation speed (DiT only; the decode is the same for ev
 ``identity by chance`` is the identity a row's returning subjects score against the earlier subjects of
 the row's other stories (``utils.oracle.chance_identity``): the floor a generator reaches with no memory of
 the story at hand, higher the more alike it draws subjects and the more reliably it draws one at all. The
-``above chance`` column compares identity minus that floor with ``none``'s, story by story: the memory
-effect with those two confounds taken out.
+``above chance`` column compares identity minus that floor with ``none``'s, story by story, with those two
+confounds taken out. What remains is memory only where a story's prompts cannot draw the subject alike
+twice: with ``--prompts joined`` one text conditions the sighting and the return, so compare ``--gap``
+values with and without the subject in the bank ("subject in bank") before reading it as memory.
 For the modes with a memory bank, ``bank_recall`` says whether memory even held the returning subject:
 the share of layers whose bank, at the return, holds a latent frame showing it in the true video.
 
@@ -166,8 +168,8 @@ def parse_modes(text: str) -> list[str]:
 
 def add_chance(scores: list[dict], pairs: list) -> None:
     """Give each story's scores its ``identity_chance`` (:func:`utils.oracle.chance_identity`, over the row's
-    other stories) and ``identity_above_chance``: identity minus that floor, the part only memory of this
-    story explains."""
+    other stories) and ``identity_above_chance``: identity minus that floor, the part only this story (its
+    earlier frames, or a prompt shared by its sighting and return) explains."""
     for score, chance in zip(scores, chance_identity(pairs), strict=True):
         score["identity_chance"] = chance
         score["identity_above_chance"] = score["identity_consistency"] - chance

@@ -437,6 +437,20 @@ def load_eval_toy(monkeypatch):
     return eval_toy
 
 
+def test_eval_table_gives_every_row_a_cell_per_column(monkeypatch) -> None:
+    eval_toy = load_eval_toy(monkeypatch)
+    paired = {"mean": 0.1, "se": 0.02, "wins": 3.0, "losses": 1.0, "pairs": 4.0}
+    scores = dict.fromkeys(eval_toy.METRICS, 0.5)
+    rows = {"ground_truth": {**scores, "identity_chance": math.nan},
+            "none": {**scores, "generate_fps": 100.0, "fps_vs_none": 1.0},
+            "nam": {**scores, "generate_fps": 98.0, "fps_vs_none": 0.98, "identity_vs_none": paired,
+                    "above_chance_vs_none": {**paired, "mean": -0.05}, "bank_recall": 0.5}}  # fmt: skip
+    head, rule, *lines = eval_toy.markdown(rows).splitlines()
+    assert {line.count("|") for line in (head, rule, *lines)} == {head.count("|")}
+    assert "| identity by chance |" in head and lines[0].startswith("| ground_truth | 0.500 | - |")
+    assert lines[2].endswith("| +0.100 ± 0.020 (3:1) | -0.050 ± 0.020 (3:1) | 0.50 |")
+
+
 def test_bank_recall_counts_layers_whose_bank_shows_the_returning_subject(monkeypatch) -> None:
     eval_toy = load_eval_toy(monkeypatch)
     narrative = narrative_from_seed(split_seeds("test", 1)[0], 36)
