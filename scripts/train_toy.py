@@ -35,6 +35,7 @@ from trainer.teacher_train import (  # noqa: E402
     TeacherSettings,
     TeacherTrainer,
     build_latent_cache,
+    check_latent_cache,
     load_latent_cache,
     read_teacher,
 )
@@ -179,17 +180,20 @@ def train_teacher(argv: list[str]) -> int:
     settings = TeacherSettings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
     init_state = None if cfg.init_from is None else read_teacher(Path(cfg.init_from))  # before minutes of encoding
     cache_path = Path(cfg.cache_path)
+    seeds = split_seeds("train", int(cfg.num_clips))
     if not cache_path.is_file():
         vae_dir = Path(cfg.vae_dir)
         if not (vae_dir / "config.json").is_file():
             raise ConfigError(f"vae_dir={vae_dir} holds no trained VAE; run the vae stage first")
         start = time.perf_counter()
         encoder = TextEncoder.from_minilm(text_len=int(overrides_dit["text_len"]))
-        seeds = split_seeds("train", int(cfg.num_clips))
         build_latent_cache(WanVAE.from_diffusers(vae_dir), encoder, seeds, int(cfg.clip_latent_frames),
                            str(cfg.uncond_prompt), cache_path, fraction, gap)  # fmt: skip
         print(f"teacher: encoded {len(seeds)} clips into {cache_path} in {time.perf_counter() - start:.0f} s")
-    trainer = TeacherTrainer(settings, load_latent_cache(cache_path))
+    cache = load_latent_cache(cache_path)
+    check_latent_cache(cache, cache_path, seeds, int(cfg.clip_latent_frames), int(overrides_dit["text_len"]),
+                       fraction, gap)  # fmt: skip
+    trainer = TeacherTrainer(settings, cache)
     if init_state is not None:
         trainer.load_weights(Path(cfg.init_from), init_state)
     params = sum(p.numel() for p in trainer.model.parameters())

@@ -28,6 +28,7 @@ from trainer.teacher_train import (
     TeacherSettings,
     TeacherTrainer,
     build_latent_cache,
+    check_latent_cache,
     latent_subject_mask,
     load_latent_cache,
     sample_timesteps,
@@ -273,6 +274,21 @@ def test_latent_cache_holds_clips_and_prompts(tmp_path: Path) -> None:
     assert torch.equal(returns["context"], encoder.encode([return_clip_from_seed(3, 9).text]))
 
 
+def test_a_stale_latent_cache_is_refused_naming_the_field(tmp_path: Path) -> None:
+    from memflow.text import TextEncoder
+
+    vae = make_random_vae("tiny", 16, torch.device("cpu"), torch.float32, 0)
+    path = build_latent_cache(vae, TextEncoder.from_minilm(text_len=8), [3, 4], 9, "", tmp_path / "c.safetensors",
+                              0.5, 0)  # fmt: skip
+    cache = load_latent_cache(path)
+    check_latent_cache(cache, path, [3, 4], 9, 8, 0.5, 0)
+    for field, args in (("num_clips", ([3], 9, 8, 0.5, 0)), ("clip_latent_frames", ([3, 4], 12, 8, 0.5, 0)),
+                        ("text_len", ([3, 4], 9, 16, 0.5, 0)), ("return_fraction", ([3, 4], 9, 8, 0.8, 0)),
+                        ("return_gap", ([3, 4], 9, 8, 0.5, 3)), ("training seeds", ([3, 5], 9, 8, 0.5, 0))):
+        with pytest.raises(ConfigError, match=field):
+            check_latent_cache(cache, path, *args)
+
+
 def test_latent_subject_mask_marks_the_cells_a_subject_covers() -> None:
     clip = return_clip_from_seed(3, 21, 9)  # an empty opening chunk, the subject, a cut, its return
     video = torch.from_numpy(to_model_pixels(clip.frames))[None]
@@ -339,7 +355,8 @@ def test_teacher_snapshots_equal_shorter_runs(tmp_path: Path) -> None:
               str(tmp_path / "cache.safetensors"))  # fmt: skip
     tiny = ["model_overrides.dim=32", "model_overrides.ffn_dim=64", "model_overrides.num_heads=2",
             "model_overrides.num_layers=1", "model_overrides.text_dim=16", "model_overrides.text_len=8",
-            "settings.batch_size=2", f"cache_path={tmp_path / 'cache.safetensors'}", "threads=1"]  # fmt: skip
+            "settings.batch_size=2", f"cache_path={tmp_path / 'cache.safetensors'}", "threads=1",
+            "num_clips=4", "clip_latent_frames=3"]  # fmt: skip
     for name, steps, every in (("long", 4, 2), ("short", 2, 0)):
         proc = run_script("scripts/train_toy.py", "teacher", *tiny, f"settings.steps={steps}",
                           f"snapshot_every={every}", f"output={tmp_path / name}", f"metrics={tmp_path / name}.jsonl")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from memflow.dit import WanDiT, build_dit
@@ -57,7 +58,8 @@ def build_latent_cache(
     ``subjects`` (:func:`latent_subject_mask` of each clip).
 
     A ``return_fraction`` of the seeds give return clips with a cut of ``return_gap`` frames
-    (:func:`utils.world.training_clip`).
+    (:func:`utils.world.training_clip`); both are stored in the file's metadata, so that
+    :func:`check_latent_cache` can refuse a cache of another mix.
     """
     latents, subjects, texts = [], [], []
     for start in range(0, len(seeds), batch_size):
@@ -75,8 +77,9 @@ def build_latent_cache(
         "uncond": encoder.encode([uncond_prompt]).contiguous(),
         "seeds": torch.tensor(list(seeds), dtype=torch.int64),
     }
+    recipe = {"return_fraction": str(float(return_fraction)), "return_gap": str(int(return_gap))}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata=recipe)
     return Path(path)
 
 
@@ -95,6 +98,34 @@ def load_latent_cache(path: Path) -> dict[str, torch.Tensor]:
     if missing:
         raise WeightsError(f"{path}: not a latent cache (missing {sorted(missing)}); delete it to rebuild")
     return tensors
+
+
+def check_latent_cache(
+    cache: dict[str, torch.Tensor],
+    path: Path,
+    seeds: Sequence[int],
+    latent_frames: int,
+    text_len: int,
+    return_fraction: float,
+    return_gap: int,
+) -> None:
+    """Refuse a cache built for other clips than the config asks for: an existing cache is reused as is,
+    so a stale one would silently train the teacher on the wrong clips or prompts."""
+    with safe_open(str(path), framework="pt") as handle:
+        recipe = handle.metadata() or {}
+    found = {
+        "num_clips": (len(cache["latents"]), len(seeds)),
+        "clip_latent_frames": (cache["latents"].shape[1], latent_frames),
+        "model_overrides.text_len": (cache["context"].shape[1], text_len),
+        "return_fraction": (float(recipe.get("return_fraction", return_fraction)), float(return_fraction)),
+        "return_gap": (int(recipe.get("return_gap", return_gap)), int(return_gap)),
+    }
+    fix = "delete the cache or give another cache_path"
+    for name, (held, wanted) in found.items():
+        if held != wanted:
+            raise ConfigError(f"cache_path={path} holds clips with {name}={held}, the config asks for {wanted}; {fix}")
+    if "seeds" in cache and cache["seeds"].tolist() != list(seeds):
+        raise ConfigError(f"cache_path={path} holds other clips than the first {len(seeds)} training seeds; {fix}")
 
 
 @dataclass(frozen=True)
