@@ -300,23 +300,27 @@ def main(argv: list[str]) -> int:
                         help="held-out narratives to score: test (reported) or validation (for choosing settings)")
     parser.add_argument("--stories", choices=STORIES, default="narratives",
                         help="narratives (the table) or return stories (the task distillation trains memory on)")
-    parser.add_argument("--gap", type=int, default=9, help="latent frames a return story's subject is away")
+    parser.add_argument("--gap", type=int, default=None,
+                        help="latent frames a return story's subject is away (default 9; return stories only)")
     parser.add_argument("--prompts", choices=PROMPTINGS, default=None,
                         help="each segment's prompt switched in at its start (narratives' default) or all joined "
                              "into one (return stories' default)")  # fmt: skip
     args, rest = parser.parse_known_args(argv)
     if args.narratives < 1:
         raise ConfigError(f"--narratives {args.narratives}: give at least 1")
+    if args.gap is not None and args.stories != "returns":
+        raise ConfigError(f"--gap {args.gap}: only return stories have a set cut; add --stories returns or drop --gap")
+    gap = 9 if args.gap is None else args.gap
     modes = parse_modes(args.modes)
     config_path, _, overrides = parse_cli(rest, str(DEFAULT_CONFIG), prog="eval_toy.py")
     torch.set_num_threads(args.threads)
     frames = DEFAULT_FRAMES[args.stories] if args.frames is None else args.frames
     result = evaluate(config_path, overrides, args.narratives, modes, frames, args.roundtrip, args.split,
-                      args.stories, args.gap, args.prompts)  # fmt: skip
+                      args.stories, gap, args.prompts)  # fmt: skip
     if args.json:
         print(json.dumps(json_safe(result), indent=2, allow_nan=False))
     else:
-        kind = "narratives" if args.stories == "narratives" else f"return stories (gap {args.gap})"
+        kind = "narratives" if args.stories == "narratives" else f"return stories (gap {gap})"
         kind += f", {result['prompting']} prompts"
         print(f"{args.narratives} held-out {kind} ({args.split} seeds {result['seeds'][0]}..{result['seeds'][1]}), "
               f"{frames} latent frames each\n")  # fmt: skip

@@ -444,6 +444,8 @@ def test_eval_scores_return_stories_from_their_joined_prompt(monkeypatch) -> Non
     assert eval_toy.prompt_schedule(narrative, "switched") == {s.start: s.prompt for s in narrative.segments}
     bad = run_script("scripts/eval_toy.py", "--stories", "returns", "--frames", "12", *RANDOM_WEIGHTS)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--frames 12 --gap 9" in bad.stderr
+    stray = run_script("scripts/eval_toy.py", "--gap", "12", *RANDOM_WEIGHTS)  # narratives set their own cuts
+    assert stray.returncode == 2 and stray.stderr.strip().count("\n") == 0 and "--gap 12" in stray.stderr
 
 
 def load_eval_toy(monkeypatch):
