@@ -178,7 +178,8 @@ def train_teacher(argv: list[str]) -> int:
     torch.set_num_threads(int(cfg.threads))
     overrides_dit = to_container(cfg.model_overrides)
     settings = TeacherSettings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
-    init_state = None if cfg.init_from is None else read_teacher(Path(cfg.init_from))  # before minutes of encoding
+    init_from = None if cfg.init_from is None else Path(cfg.init_from)
+    init_state = None if init_from is None else read_teacher(init_from, settings)  # before minutes of encoding
     cache_path = Path(cfg.cache_path)
     seeds = split_seeds("train", int(cfg.num_clips))
     if not cache_path.is_file():
@@ -194,8 +195,8 @@ def train_teacher(argv: list[str]) -> int:
     check_latent_cache(cache, cache_path, seeds, int(cfg.clip_latent_frames), int(overrides_dit["text_len"]),
                        fraction, gap)  # fmt: skip
     trainer = TeacherTrainer(settings, cache)
-    if init_state is not None:
-        trainer.load_weights(Path(cfg.init_from), init_state)
+    if init_from is not None:
+        trainer.load_weights(init_from, init_state)
     params = sum(p.numel() for p in trainer.model.parameters())
     print(f"teacher: {params / 1e6:.2f} M parameters, {len(trainer.latents)} cached clips")
     metrics = MetricsFile(Path(cfg.metrics), "teacher")

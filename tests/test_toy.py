@@ -31,6 +31,7 @@ from trainer.teacher_train import (
     check_latent_cache,
     latent_subject_mask,
     load_latent_cache,
+    read_teacher,
     sample_timesteps,
 )
 from trainer.vae_train import (
@@ -255,6 +256,9 @@ def test_teacher_continues_from_a_saved_teacher_and_rejects_another_shape(tmp_pa
     wider = TeacherTrainer(TeacherSettings(overrides={**overrides, "dim": 64}, batch_size=2), cache)
     with pytest.raises(WeightsError, match=r"init_from=.*model_overrides"):
         wider.load_weights(tmp_path / "teacher")
+    with pytest.raises(WeightsError, match=r"init_from=.*\(blocks\.0\..*model_overrides"):
+        read_teacher(tmp_path / "teacher", wider.settings)  # by shape alone, before any cache is encoded
+    assert read_teacher(tmp_path / "teacher", second.settings).keys() == first.model.state_dict().keys()
     with pytest.raises(WeightsError, match="holds no"):
         wider.load_weights(tmp_path)
 

@@ -191,12 +191,31 @@ def flow_matching_loss(
     return error.mean() if weight is None else (error * weight[:, :, None]).mean()
 
 
-def read_teacher(folder: Path) -> dict[str, torch.Tensor]:
-    """The weights of a teacher folder (``folder/diffusion_pytorch_model.safetensors``), for ``init_from``."""
+def read_teacher(folder: Path, settings: TeacherSettings | None = None) -> dict[str, torch.Tensor]:
+    """The weights of a teacher folder (``folder/diffusion_pytorch_model.safetensors``), for ``init_from``.
+
+    With ``settings`` they are checked, by shape on the meta device, to fit the teacher those describe, so a
+    wrong ``init_from`` fails before minutes of latent encoding rather than after.
+    """
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise WeightsError(f"init_from={folder} holds no {WEIGHTS_FILE}; give a folder a teacher run wrote")
-    return load_file(str(path))
+    state = load_file(str(path))
+    if settings is not None:
+        with torch.device("meta"):
+            expected = build_dit(settings.preset, causal=False, **settings.overrides).state_dict()
+        shapes = {name: tuple(value.shape) for name, value in state.items()}
+        wanted = {name: tuple(value.shape) for name, value in expected.items()}
+        if shapes != wanted:
+            name = min(n for n in shapes.keys() | wanted.keys() if shapes.get(n) != wanted.get(n))
+            found, given = shapes.get(name, "missing"), wanted.get(name, "none")
+            raise other_shape(folder, f"{name}: {found}, the config gives {given}")
+    return state
+
+
+def other_shape(folder: Path, detail: str) -> WeightsError:
+    return WeightsError(f"init_from={folder} is a teacher of another shape than model/model_overrides ({detail}); "
+                        "give the model_overrides it was trained with")  # fmt: skip
 
 
 class TeacherTrainer:
@@ -236,9 +255,7 @@ class TeacherTrainer:
         try:
             self.model.load_state_dict(read_teacher(folder) if state is None else state)
         except RuntimeError as error:
-            detail = str(error).splitlines()[-1].strip()
-            raise WeightsError(f"init_from={folder} is a teacher of another shape than model/model_overrides "
-                               f"({detail}); give the model_overrides it was trained with") from None
+            raise other_shape(folder, str(error).splitlines()[-1].strip()) from None
 
     def step(self) -> float:
         """One AdamW step (linear warm-up); returns the loss."""
