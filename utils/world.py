@@ -19,7 +19,7 @@ Subjects follow smooth motions (eased positions as continuous functions of time)
 
 A returning subject (in narratives and return clips alike) comes back where it was last seen: a return at a
 random place made its position appear in the noisy latents as early as its colour, which left a teacher
-nothing to gain from its earlier frames (README, MemFlow-Tiny, ``sighting_reliance``).
+nothing to gain from its earlier frames (docs/memflow_tiny_log.md, ``sighting_reliance``).
 
 All randomness comes from one ``np.random.Generator``; seeds of the train / validation / test splits
 are disjoint (:func:`split_seeds`).
