@@ -28,7 +28,10 @@ samples, and with far less noise: the flow-matching error at the returning subje
 sighting's latent frames are replaced by the empty opening chunk's, over the error with the true clip, at a
 few noise levels of the return. ``joint`` noises the whole clip alike (as DMD noises a generated window);
 ``clean_context`` leaves everything before the return clean (as the causal generator has it). 1.0 means
-the teacher ignores the sighting.
+the teacher ignores the sighting. Removing the sighting also removes where the subject was, which a return
+in place reveals by itself; the ``_recoloured`` rows keep place, shape and pattern and change only the
+colour of the sighting (:func:`recoloured_sighting`), so they measure whether the teacher takes the
+subject's look from it.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from memflow.weights import load_dit  # noqa: E402
 from pipeline.inference import build_text_encoder, build_vae, materialize, plan_run  # noqa: E402
 from trainer.ode_init import generate_ode_pairs  # noqa: E402
 from trainer.teacher_train import latent_subject_mask  # noqa: E402
-from trainer.vae_train import roundtrip_frames  # noqa: E402
+from trainer.vae_train import roundtrip_frames, subject_mask  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
 from utils.oracle import PRESENT, Oracle, paired_difference  # noqa: E402
 from utils.world import (  # noqa: E402
@@ -61,6 +64,7 @@ from utils.world import (  # noqa: E402
     from_model_pixels,
     joined_prompt,
     min_return_clip_latent_frames,
+    pixel_frame,
     return_story_from_seed,
     split_seeds,
     to_model_pixels,
@@ -141,23 +145,40 @@ def score(oracle: Oracle, stories: list[Narrative], videos: list[np.ndarray]) ->
     return mean_row(per_clip(oracle, stories, videos))
 
 
+def sighting_frames(story: Narrative) -> list[int]:
+    """Latent frames that show the returning subject before its return."""
+    index, sid = returning_subject(story)
+    return [f for s in story.segments[:index] if sid in s.subjects for f in range(s.start, s.end)]
+
+
 def without_sighting(latents: torch.Tensor, story: Narrative) -> torch.Tensor:
     """A gapped return clip's latents ``[F, C, h, w]`` with every latent frame that shows the subject before its
     return replaced by the empty opening chunk's (its frames after the first, which alone encodes one pixel frame)."""
-    index, sid = returning_subject(story)
     empty = list(range(1, story.segments[0].end))
-    seen = [f for s in story.segments[:index] if sid in s.subjects for f in range(s.start, s.end)]
+    seen = sighting_frames(story)
     out = latents.clone()
     for k, frame in enumerate(seen):
         out[frame] = latents[empty[k % len(empty)]]
     return out
 
 
+def recoloured_sighting(video: torch.Tensor, story: Narrative) -> torch.Tensor:
+    """A clip's pixels ``[T, 3, H, W]`` with the colour channels of every subject pixel rolled in the pixel frames
+    of its sighting: the same place, shape and pattern in another colour."""
+    frames = sorted({p for f in sighting_frames(story) for p in range(pixel_frame(f), pixel_frame(f + 1))})
+    part = video[frames]
+    mask = subject_mask(part.transpose(0, 1)[None])[0].transpose(0, 1)
+    out = video.clone()
+    out[frames] = torch.where(mask, part.roll(1, dims=1), part)
+    return out
+
+
 @torch.no_grad()
 def sighting_reliance(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: list[Narrative], shift: float,
                       seed: int) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Error at the returning subject's latent cells without its sighting over the error with it (see the module
-    docstring), per context noise (``joint``, ``clean_context``) and noise level of the return."""
+    """Error at the returning subject's latent cells without its sighting, or with it recoloured (``_recoloured``),
+    over the error with it (see the module docstring), per context noise (``joint``, ``clean_context``) and
+    noise level of the return."""
     scheduler = FlowMatchScheduler(shift=shift)
     video = torch.from_numpy(np.stack([to_model_pixels(s.frames) for s in stories]))
     latents = torch.cat([vae.encode(video[i : i + BATCH]) for i in range(0, len(stories), BATCH)])
@@ -166,22 +187,28 @@ def sighting_reliance(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: 
     frames = torch.arange(latents.shape[1])
     cells = cells * (frames[None] >= back[:, None])[:, :, None, None]
     ablated = torch.stack([without_sighting(x, s) for x, s in zip(latents, stories, strict=True)])
+    recoloured = latents.clone()
+    for i, story in enumerate(stories):  # only the sighting's latents: the causal encoder carries colour onwards
+        seen = sighting_frames(story)
+        recoloured[i, seen] = vae.encode(recoloured_sighting(video[i], story)[None])[0, seen]
     context = text.encode([joined_prompt(s) for s in stories])
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     target = scheduler.training_target(latents, noise)
-    out: dict[str, dict[str, float]] = {"joint": {}, "clean_context": {}}
-    for mode, levels in out.items():
+    out: dict[str, dict[str, float]] = {}
+    for mode in ("joint", "clean_context"):
+        removed, recolour = out.setdefault(mode, {}), out.setdefault(f"{mode}_recoloured", {})
         for sigma in RELIANCE_SIGMAS:
             t = scheduler.timesteps[(scheduler.sigmas - sigma).abs().argmin()].expand(latents.shape[:2]).clone()
             if mode == "clean_context":
                 t[frames[None] < back[:, None]] = scheduler.timesteps[-1]
             errors = []
-            for x0 in (latents, ablated):
+            for x0 in (latents, ablated, recoloured):
                 xt = scheduler.add_noise(x0, noise, t)
                 flow = torch.cat([teacher(xt[i : i + BATCH], t[i : i + BATCH], context[i : i + BATCH])
                                   for i in range(0, len(stories), BATCH)])  # fmt: skip
                 errors.append(float(((flow - target).pow(2) * cells[:, :, None]).sum()))
-            levels[f"{sigma:g}"] = errors[1] / errors[0]
+            removed[f"{sigma:g}"] = errors[1] / errors[0]
+            recolour[f"{sigma:g}"] = errors[2] / errors[0]
     return out
 
 
@@ -253,7 +280,7 @@ def main(argv: list[str]) -> int:
         c = result["teacher_vs_spliced"]
         print(f"\nteacher - spliced: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']:.0f}:{c['losses']:.0f})")
     if result["sighting_reliance"] is not None:
-        print("sighting reliance (error without the sighting / with it) at return noise "
+        print("sighting reliance (error without the sighting, or recoloured, / with it) at return noise "
               + " ".join(f"{s:g}" for s in RELIANCE_SIGMAS))  # fmt: skip
         for mode, levels in result["sighting_reliance"].items():
             print(f"  {mode}: " + " ".join(f"{v:.3f}" for v in levels.values()))

@@ -546,6 +546,13 @@ def test_sighting_reliance_is_one_for_a_teacher_blind_to_other_frames(monkeypatc
     ablated = probe.without_sighting(latents, stories[0])
     changed = [f for f in range(21) if not torch.equal(ablated[f], latents[f])]
     assert changed == list(range(3, 9)) and torch.equal(ablated[3], latents[1])
+    video = torch.from_numpy(to_model_pixels(stories[0].frames))
+    recoloured = probe.recoloured_sighting(video, stories[0])
+    moved = (recoloured != video).any(1)  # [T, H, W]: pixels whose colour changed
+    changed_frames = moved.flatten(1).any(1).nonzero().flatten().tolist()
+    assert changed_frames and pixel_frame(3) <= min(changed_frames) and max(changed_frames) < pixel_frame(9)
+    assert torch.equal(recoloured[moved[:, None].expand_as(video)].sort().values,
+                       video[moved[:, None].expand_as(video)].sort().values)  # same values, channels rolled
 
     def per_frame(xt, t, context):
         return 0.5 * xt
@@ -574,7 +581,8 @@ def test_teacher_probe_reliance_only_skips_the_sampled_rows() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["rows"] is None and result["teacher_vs_spliced"] is None
-    assert set(result["sighting_reliance"]) == {"joint", "clean_context"}
+    assert set(result["sighting_reliance"]) == {"joint", "clean_context", "joint_recoloured",
+                                                "clean_context_recoloured"}
     assert all(v > 0 for levels in result["sighting_reliance"].values() for v in levels.values())
 
 
