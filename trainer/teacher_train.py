@@ -209,13 +209,10 @@ def read_teacher(folder: Path, settings: TeacherSettings | None = None) -> dict[
         if shapes != wanted:
             name = min(n for n in shapes.keys() | wanted.keys() if shapes.get(n) != wanted.get(n))
             found, given = shapes.get(name, "missing"), wanted.get(name, "none")
-            raise other_shape(folder, f"{name}: {found}, the config gives {given}")
+            raise WeightsError(f"init_from={folder} is a teacher of another shape than model/model_overrides "
+                               f"({name}: {found}, the config gives {given}); give the model_overrides it was "
+                               "trained with")  # fmt: skip
     return state
-
-
-def other_shape(folder: Path, detail: str) -> WeightsError:
-    return WeightsError(f"init_from={folder} is a teacher of another shape than model/model_overrides ({detail}); "
-                        "give the model_overrides it was trained with")  # fmt: skip
 
 
 class TeacherTrainer:
@@ -250,12 +247,9 @@ class TeacherTrainer:
         return self.latents[index], context, weight
 
     def load_weights(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
-        """Continue from a teacher this trainer saved in ``folder``; ``state`` is its :func:`read_teacher`, when
-        already read."""
-        try:
-            self.model.load_state_dict(read_teacher(folder) if state is None else state)
-        except RuntimeError as error:
-            raise other_shape(folder, str(error).splitlines()[-1].strip()) from None
+        """Continue from a teacher this trainer saved in ``folder``; ``state`` is its :func:`read_teacher` with
+        these settings, when already read (and so already checked)."""
+        self.model.load_state_dict(read_teacher(folder, self.settings) if state is None else state)
 
     def step(self) -> float:
         """One AdamW step (linear warm-up); returns the loss."""
