@@ -187,10 +187,12 @@ def sighting_reliance(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: 
     frames = torch.arange(latents.shape[1])
     cells = cells * (frames[None] >= back[:, None])[:, :, None, None]
     ablated = torch.stack([without_sighting(x, s) for x, s in zip(latents, stories, strict=True)])
+    recoloured_video = torch.stack([recoloured_sighting(v, s) for v, s in zip(video, stories, strict=True)])
+    encoded = torch.cat([vae.encode(recoloured_video[i : i + BATCH]) for i in range(0, len(stories), BATCH)])
     recoloured = latents.clone()
     for i, story in enumerate(stories):  # only the sighting's latents: the causal encoder carries colour onwards
         seen = sighting_frames(story)
-        recoloured[i, seen] = vae.encode(recoloured_sighting(video[i], story)[None])[0, seen]
+        recoloured[i, seen] = encoded[i, seen]
     context = text.encode([joined_prompt(s) for s in stories])
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     target = scheduler.training_target(latents, noise)
