@@ -1,8 +1,10 @@
-"""MemFlow-Tiny stages that are not distillation: prompts, VAE, teacher, and the final packaging.
+"""MemFlow-Tiny stages that are not distillation: prompts, VAE, teacher, and the final packaging; and teacher
+forcing, an experiment outside the release pipeline (configs/toy/forcing.yaml).
 
 usage: python scripts/train_toy.py prompts [--count N] [--config_path configs/toy/teacher.yaml] [key=value ...]
        python scripts/train_toy.py vae     [--config_path configs/toy/vae.yaml] [key=value ...]
        python scripts/train_toy.py teacher [--config_path configs/toy/teacher.yaml] [key=value ...]
+       python scripts/train_toy.py forcing [--config_path configs/toy/forcing.yaml] [key=value ...]
        python scripts/train_toy.py package --release DIR --stage1 DIR --stage2 DIR --out DIR --command STR
 
 ``scripts/train_toy.sh`` runs them in order around the distillation stages of ``scripts/train.py``.
@@ -30,9 +32,9 @@ from memflow.errors import ConfigError  # noqa: E402
 from memflow.text import TextEncoder  # noqa: E402
 from memflow.vae import WanVAE  # noqa: E402
 from memflow.weights import apply_lora, load_dit  # noqa: E402
+from trainer.forcing import ForcingTrainer  # noqa: E402
 from trainer.teacher_train import (  # noqa: E402
     WEIGHTS_FILE,
-    TeacherSettings,
     TeacherTrainer,
     build_latent_cache,
     check_latent_cache,
@@ -165,19 +167,29 @@ def train_vae(argv: list[str]) -> int:
 
 
 def train_teacher(argv: list[str]) -> int:
-    config_path, _, overrides = parse_cli(argv, str(ROOT / "configs/toy/teacher.yaml"), prog="train_toy.py teacher")
+    return train_flow(argv, "teacher", TeacherTrainer)
+
+
+def train_forcing(argv: list[str]) -> int:
+    return train_flow(argv, "forcing", ForcingTrainer)
+
+
+def train_flow(argv: list[str], stage: str, trainer_class: type[TeacherTrainer]) -> int:
+    """Flow matching on a latent cache of training clips: the bidirectional teacher, or a causal generator by
+    teacher forcing; ``configs/toy/<stage>.yaml`` with the overrides given."""
+    config_path, _, overrides = parse_cli(argv, str(ROOT / f"configs/toy/{stage}.yaml"), prog=f"train_toy.py {stage}")
     cfg = load_config(config_path, overrides)
     fraction, gap = return_fraction(cfg), return_gap(cfg)
     out = Path(cfg.output)
     if (out / WEIGHTS_FILE).is_file():
-        print(f"teacher: {out / WEIGHTS_FILE} exists, stage already done")
+        print(f"{stage}: {out / WEIGHTS_FILE} exists, stage already done")
         return 0
     snapshot_every = int(cfg.snapshot_every)
     if snapshot_every < 0:
         raise ConfigError(f"snapshot_every={snapshot_every}: must be >= 0 (0 = no snapshots)")
     torch.set_num_threads(int(cfg.threads))
     overrides_dit = to_container(cfg.model_overrides)
-    settings = TeacherSettings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
+    settings = trainer_class.Settings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
     init_from = None if cfg.init_from is None else Path(cfg.init_from)
     init_state = None if init_from is None else read_teacher(init_from, settings)  # before minutes of encoding
     cache_path = Path(cfg.cache_path)
@@ -190,16 +202,16 @@ def train_teacher(argv: list[str]) -> int:
         encoder = TextEncoder.from_minilm(text_len=int(overrides_dit["text_len"]))
         build_latent_cache(WanVAE.from_diffusers(vae_dir), encoder, seeds, int(cfg.clip_latent_frames),
                            str(cfg.uncond_prompt), cache_path, fraction, gap)  # fmt: skip
-        print(f"teacher: encoded {len(seeds)} clips into {cache_path} in {time.perf_counter() - start:.0f} s")
+        print(f"{stage}: encoded {len(seeds)} clips into {cache_path} in {time.perf_counter() - start:.0f} s")
     cache = load_latent_cache(cache_path)
     check_latent_cache(cache, cache_path, seeds, int(cfg.clip_latent_frames), int(overrides_dit["text_len"]),
                        fraction, gap)  # fmt: skip
-    trainer = TeacherTrainer(settings, cache)
+    trainer = trainer_class(settings, cache)
     if init_from is not None:
         trainer.load_weights(init_from, init_state)
     params = sum(p.numel() for p in trainer.model.parameters())
-    print(f"teacher: {params / 1e6:.2f} M parameters, {len(trainer.latents)} cached clips")
-    metrics = MetricsFile(Path(cfg.metrics), "teacher")
+    print(f"{stage}: {params / 1e6:.2f} M parameters, {len(trainer.latents)} cached clips")
+    metrics = MetricsFile(Path(cfg.metrics), stage)
     window: list[float] = []
     for step in range(1, settings.steps + 1):
         window.append(trainer.step())
@@ -207,8 +219,8 @@ def train_teacher(argv: list[str]) -> int:
             metrics.write(step, settings.steps, {"loss": float(np.mean(window))})
             window = []
         if snapshot_every and step % snapshot_every == 0 and step < settings.steps:
-            print(f"teacher: wrote {trainer.save(out.with_name(f'{out.name}-step{step}'))}")
-    print(f"teacher: wrote {trainer.save(out)}")
+            print(f"{stage}: wrote {trainer.save(out.with_name(f'{out.name}-step{step}'))}")
+    print(f"{stage}: wrote {trainer.save(out)}")
     return 0
 
 
@@ -252,10 +264,11 @@ def package(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("prompts", "vae", "teacher", "package"):
-        raise ConfigError("usage: train_toy.py {prompts,vae,teacher,package} [...]")
-    command, rest = argv[0], argv[1:]
-    return {"prompts": make_prompts, "vae": train_vae, "teacher": train_teacher, "package": package}[command](rest)
+    commands = {"prompts": make_prompts, "vae": train_vae, "teacher": train_teacher, "forcing": train_forcing,
+                "package": package}  # fmt: skip
+    if not argv or argv[0] not in commands:
+        raise ConfigError(f"usage: train_toy.py {{{','.join(commands)}}} [...]")
+    return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

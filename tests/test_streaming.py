@@ -11,6 +11,7 @@ from memflow import StreamConfig, build_dit
 from memflow.attention import block_causal_mask, sliding_block_mask
 from memflow.context import StreamingContext
 from pipeline.streaming import StreamingGenerator
+from trainer.forcing import forced_flow
 
 CHUNK, H, W = 3, 4, 6  # latent frames per chunk, latent height/width (2x3 tokens per frame)
 TOKENS = (H // 2) * (W // 2)
@@ -136,6 +137,26 @@ def test_denoise_step_equals_forward_over_clean_past(dit):
     torch.testing.assert_close(out, full[:, 9:], atol=2e-5, rtol=1e-5)
     # a denoising pass may only touch the slots of the chunk it denoises (empty here)
     torch.testing.assert_close(ctx2.k[:, :, :, : 9 * TOKENS], before[:, :, :, : 9 * TOKENS], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_teacher_forcing_equals_denoising_each_chunk_over_its_true_past(dit):
+    """Training with teacher forcing predicts every chunk as the streaming generator does once the true chunks
+    before it are committed (memory ``full``, context timestep 0)."""
+    x, noisy, prompt = _latents(12), _latents(12, seed=5), _prompt(0)
+    t = torch.tensor([[900.0] * 3 + [100.0] * 3 + [500.0] * 3 + [700.0] * 3])
+    forced = forced_flow(dit, x, noisy, t, prompt, chunk_frames=CHUNK)
+    ctx = _context(dit, StreamConfig(memory="full"), 12)
+    ctx.set_text(dit.text_kv(prompt), None, switch=False)
+    for start in range(0, 12, CHUNK):
+        sl = slice(start, start + CHUNK)
+        for kind, latents, times in (("denoise", noisy, t), ("commit", x, torch.zeros_like(t))):
+            ctx.begin(start, CHUNK, kind)
+            out = dit(latents[:, sl], times[:, sl], text_kv=ctx.text_kv, start_frame=start, attention_context=ctx)
+            ctx.end()
+            if kind == "denoise":
+                torch.testing.assert_close(forced[:, sl], out, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(forced, forced_flow(dit, _latents(12, seed=9), noisy, t, prompt, chunk_frames=CHUNK))
 
 
 def _generate(dit, config, frames=24, prompts=None, switches=(), seed=3, trace=False):

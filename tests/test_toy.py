@@ -23,6 +23,7 @@ from memflow.vae import WanVAE
 from memflow.weights import load_dit
 from pipeline.inference import VideoRunner, build_components, plan_run
 from pipeline.inference import random_vae as make_random_vae
+from trainer.forcing import ForcingTrainer
 from trainer.teacher_train import (
     WEIGHTS_FILE,
     TeacherSettings,
@@ -374,6 +375,33 @@ def test_teacher_snapshots_equal_shorter_runs(tmp_path: Path) -> None:
                                  "settings.chunk_noise=2", "snapshot_every=-1"])  # fmt: skip
 def test_teacher_rejects_bad_return_clip_settings_and_writes_nothing(tmp_path: Path, bad: str) -> None:
     proc = run_script("scripts/train_toy.py", "teacher", bad, f"output={tmp_path / 'out'}",
+                      f"cache_path={tmp_path / 'cache.safetensors'}", f"metrics={tmp_path / 'metrics.jsonl'}")
+    field = bad.split("=")[0].split(".")[-1]
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and field in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_forcing_trainer_steps_and_saves_a_generator(tmp_path: Path) -> None:
+    overrides = {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 1, "text_dim": 16, "text_len": 8}
+    generator = torch.Generator().manual_seed(0)
+    cache = {"latents": torch.randn(4, 6, 16, 8, 8, generator=generator),
+             "context": torch.randn(4, 8, 16, generator=generator), "uncond": torch.zeros(1, 8, 16),
+             "subjects": (torch.rand(4, 6, 8, 8, generator=generator) < 0.1).to(torch.uint8)}  # fmt: skip
+    settings = TeacherSettings(overrides=overrides, batch_size=2, warmup=1, subject_weight=10.0)
+    trainer = ForcingTrainer(settings, cache)
+    losses = [trainer.step() for _ in range(3)]
+    assert all(np.isfinite(losses)) and len(set(losses)) == 3
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
+    loaded = load_dit(trainer.save(tmp_path / "forcing"), "tiny", **overrides)
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value)
+    with pytest.raises(ConfigError, match="chunk_noise"):
+        ForcingTrainer(dataclasses.replace(settings, chunk_noise=0.5), cache)
+
+
+@pytest.mark.parametrize("bad", ["settings.chunk_noise=0.5", "return_gap=20"])
+def test_forcing_rejects_bad_settings_and_writes_nothing(tmp_path: Path, bad: str) -> None:
+    proc = run_script("scripts/train_toy.py", "forcing", bad, f"output={tmp_path / 'out'}",
                       f"cache_path={tmp_path / 'cache.safetensors'}", f"metrics={tmp_path / 'metrics.jsonl'}")
     field = bad.split("=")[0].split(".")[-1]
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and field in proc.stderr

@@ -218,6 +218,8 @@ def read_teacher(folder: Path, settings: TeacherSettings | None = None) -> dict[
 class TeacherTrainer:
     """Trains a fresh bidirectional DiT on a latent cache; ``save`` writes the Wan-named safetensors."""
 
+    Settings = TeacherSettings
+
     def __init__(self, settings: TeacherSettings, cache: dict[str, torch.Tensor]):
         self.settings = settings
         torch.manual_seed(settings.seed)
@@ -251,15 +253,18 @@ class TeacherTrainer:
         these settings, when already read (and so already checked)."""
         self.model.load_state_dict(read_teacher(folder, self.settings) if state is None else state)
 
+    def loss(self, x0: torch.Tensor, context: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """The training loss of one batch (:func:`flow_matching_loss`)."""
+        return flow_matching_loss(self.model, self.scheduler, x0, context, self.generator, weight,
+                                  self.settings.chunk_noise)  # fmt: skip
+
     def step(self) -> float:
         """One AdamW step (linear warm-up); returns the loss."""
         self.model.train()
         scale = min(1.0, (self.step_count + 1) / max(1, self.settings.warmup))
         for group in self.optimizer.param_groups:
             group["lr"] = self.settings.lr * scale
-        x0, context, weight = self.batch()
-        loss = flow_matching_loss(self.model, self.scheduler, x0, context, self.generator, weight,
-                                  self.settings.chunk_noise)  # fmt: skip
+        loss = self.loss(*self.batch())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
