@@ -154,6 +154,27 @@ class StreamingGenerator:
             x = self.scheduler.add_noise(x0, eps.to(x0.device, x0.dtype), self._t(x0, next_t))
         raise AssertionError("unreachable")
 
+    def integrate_chunk(
+        self, noise: torch.Tensor, steps: int, *, on_step: Callable[[int, torch.Tensor], None] | None = None
+    ) -> torch.Tensor:
+        """Sample the next chunk by Euler steps of the flow ODE, uniform on the shifted grid: the sampler for a
+        generator trained by flow matching (``trainer.forcing``), where the few-step list of ``denoise_chunk``,
+        which re-noises each step's x0 prediction, suits a distilled one. ``on_step(step, x0)`` as there."""
+        if noise.shape[1] != self.chunk:
+            raise ValueError(f"a chunk has {self.chunk} latent frames, got {noise.shape[1]}")
+        n = self.scheduler.num_train_timesteps
+        timesteps = self.scheduler.warp(torch.linspace(n, 0, steps + 1).tolist()).to(noise.device)
+        self.context.update_bank()
+        x = noise
+        with torch.no_grad():
+            for step in range(steps):
+                t, next_t = timesteps[step], timesteps[step + 1]
+                flow = self._forward(x, self.frame, t, "denoise")
+                if on_step is not None:
+                    on_step(step, self.scheduler.flow_to_x0(flow, x, self._t(x, t)))
+                x = x + (next_t - t) / n * flow
+        return x
+
     def commit_chunk(self, x0: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
         """Write the finished chunk into the cache with one clean pass at ``context_noise``."""
         t = self._context_t

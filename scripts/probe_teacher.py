@@ -36,6 +36,7 @@ subject's look from it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -47,19 +48,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from memflow.config import MEMORY_MODES  # noqa: E402
 from memflow.dit import WanDiT, build_dit  # noqa: E402
 from memflow.errors import ConfigError  # noqa: E402
 from memflow.scheduler import FlowMatchScheduler  # noqa: E402
 from memflow.text import TextEncoder  # noqa: E402
 from memflow.vae import WanVAE  # noqa: E402
 from memflow.weights import load_dit  # noqa: E402
-from pipeline.inference import build_text_encoder, build_vae, materialize, plan_run  # noqa: E402
+from pipeline.inference import build_text_encoder, build_vae, load_generator, materialize, plan_run  # noqa: E402
+from pipeline.streaming import StreamingGenerator  # noqa: E402
 from trainer.ode_init import generate_ode_pairs  # noqa: E402
-from trainer.teacher_train import latent_subject_mask  # noqa: E402
-from trainer.vae_train import roundtrip_frames, subject_mask  # noqa: E402
+from trainer.teacher_train import latent_subject_mask, subject_coverage  # noqa: E402
+from trainer.vae_train import nearest_colours, roundtrip_frames, subject_mask  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
-from utils.oracle import PRESENT, Oracle, paired_difference  # noqa: E402
+from utils.oracle import PRESENT, Oracle, chance_identity, paired_difference  # noqa: E402
 from utils.world import (  # noqa: E402
+    COLOURS,
     Narrative,
     from_model_pixels,
     joined_prompt,
@@ -121,10 +125,9 @@ def returning_subject(story: Narrative) -> tuple[int, int]:
     return index, sid
 
 
-def clip_scores(oracle: Oracle, story: Narrative, frames: np.ndarray) -> dict[str, float]:
-    """The returning subject's identity consistency, and whether it is drawn at all (oracle presence) at its
-    first sighting and at its return."""
-    result = oracle.evaluate(story, frames)
+def clip_scores(story: Narrative, result: dict) -> dict[str, float]:
+    """From the oracle's ``result`` for a clip: the returning subject's identity consistency, and whether it is
+    drawn at all (oracle presence) at its first sighting and at its return."""
     index, sid = returning_subject(story)
     sighting = next(i for i, s in enumerate(story.segments) if sid in s.subjects)
     seen = [result["segments"][i]["subjects"][str(sid)]["presence"] >= PRESENT for i in (sighting, index)]
@@ -133,7 +136,14 @@ def clip_scores(oracle: Oracle, story: Narrative, frames: np.ndarray) -> dict[st
 
 
 def per_clip(oracle: Oracle, stories: list[Narrative], videos: list[np.ndarray]) -> list[dict[str, float]]:
-    return [clip_scores(oracle, s, v) for s, v in zip(stories, videos, strict=True)]
+    """:func:`clip_scores` of each clip, with its identity by chance (``utils.oracle.chance_identity``: its return
+    against the other clips' sightings) and identity above that."""
+    results = [oracle.evaluate(s, v) for s, v in zip(stories, videos, strict=True)]
+    scores = [clip_scores(s, r) for s, r in zip(stories, results, strict=True)]
+    for score, chance in zip(scores, chance_identity([r["identity_pairs"] for r in results]), strict=True):
+        score["identity_chance"] = chance
+        score["identity_above_chance"] = score["identity_consistency"] - chance
+    return scores
 
 
 def mean_row(scores: list[dict[str, float]]) -> dict[str, float]:
@@ -214,10 +224,131 @@ def sighting_reliance(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: 
     return out
 
 
+def return_features(latents: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
+    """Per clip, what the colour probe reads: the latent [C] averaged over the cells ``coverage`` [B, F, h, w] (the
+    true clip's :func:`trainer.teacher_train.subject_coverage`, 0 outside the frames probed), each weighted by its
+    coverage squared, so that cells mostly covered by the subject outweigh those mostly background."""
+    weight = coverage[:, :, None].float().pow(2)
+    return (latents.float() * weight).sum((1, 3, 4)) / weight.sum((1, 3, 4)).clamp_min(1e-6)
+
+
+def story_prompts(text: TextEncoder, stories: list[Narrative], prompting: str) -> list[tuple[int, torch.Tensor]]:
+    """(start frame, prompt embeddings [B, T, D]) for a batch of stories that share their segment starts: one
+    joined prompt from frame 0, or each segment's own switched in at its start."""
+    if prompting == "joined":
+        return [(0, text.encode([joined_prompt(s) for s in stories]))]
+    starts = [segment.start for segment in stories[0].segments]
+    return [(start, text.encode([s.segments[k].prompt for s in stories])) for k, start in enumerate(starts)]
+
+
+@torch.no_grad()
+def sample_return(gen: StreamingGenerator, past: torch.Tensor, prompts: list[tuple[int, torch.Tensor]], back: int,
+                  noise: torch.Tensor, ode_steps: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """``past`` [B, F, C, h, w] up to latent frame ``back`` committed chunk by chunk as if generated, the rest
+    sampled from ``noise`` (``ode_steps`` Euler steps, or None: the generator's few-step list). Returns the
+    latents and every sampler step's x0 prediction of the first sampled chunk."""
+    b, f, _, h, w = past.shape
+    schedule = dict(prompts)
+    gen.start(schedule[0], num_frames=f, latent_height=h, latent_width=w, batch_size=b)
+    out, steps = past.clone(), []
+    for start in range(0, f, gen.chunk):
+        if start > 0 and start in schedule:
+            gen.switch_prompt(schedule[start])
+        chunk = slice(start, start + gen.chunk)
+        if start >= back:
+            record = (lambda step, x0: steps.append(x0)) if start == back else None
+            if ode_steps is None:
+                out[:, chunk] = gen.denoise_chunk(noise[:, chunk], on_step=record)
+            else:
+                out[:, chunk] = gen.integrate_chunk(noise[:, chunk], ode_steps, on_step=record)
+        gen.commit_chunk(out[:, chunk])
+    return out, steps
+
+
+@torch.no_grad()
+def forced_past(gen: StreamingGenerator, text: TextEncoder, vae: WanVAE, stories: list[Narrative],
+                reference: list[Narrative], prompting: str, ode_steps: int | None, seed: int) -> dict:  # fmt: skip
+    """Does the generator draw the returning subject like its sighting when everything before the return is the
+    TRUE clip? Per variant of that past (``true``; ``removed`` and ``recoloured`` as in :func:`sighting_reliance`)
+    the return is sampled with the same noise, placed after the true past, decoded and scored by the oracle
+    against the true sighting (identity, by chance, above chance), and its latents are read by a colour probe
+    (:func:`trainer.vae_train.nearest_colours` on :func:`return_features`, referenced on the true returns of
+    ``reference``), also at every sampler step of the first returning chunk (``colour_by_step``).
+    ``vae_roundtrip`` is the true clip: the ceiling. A sample that copies scores as ``true`` above
+    ``removed``."""
+    backs = {s.segments[returning_subject(s)[0]].start for s in stories}
+    if len(backs) != 1:
+        raise ValueError(f"the stories return at different frames {sorted(backs)}; give them one length and gap")
+    back = backs.pop()
+    colour_names = list(COLOURS)
+
+    def encode(stories: list[Narrative]) -> tuple[torch.Tensor, ...]:
+        video = torch.from_numpy(np.stack([to_model_pixels(s.frames) for s in stories]))
+        latents = torch.cat([vae.encode(video[i : i + BATCH]) for i in range(0, len(stories), BATCH)])
+        coverage = subject_coverage(video, (latents.shape[1], *latents.shape[3:]))
+        coverage[:, :back] = 0
+        labels = torch.tensor([colour_names.index(s.subjects[returning_subject(s)[1]].colour) for s in stories])
+        return video, latents, coverage, labels
+
+    _, ref_latents, ref_coverage, ref_labels = encode(reference)
+    ref_features = return_features(ref_latents, ref_coverage)
+    video, latents, coverage, labels = encode(stories)
+
+    first = coverage.clone()
+    first[:, back + gen.chunk :] = 0
+
+    def colour(sampled: torch.Tensor, where: torch.Tensor = coverage) -> float:
+        guess = nearest_colours(ref_features, ref_labels, return_features(sampled, where))
+        return float((guess == labels).float().mean())
+
+    recoloured_video = torch.stack([recoloured_sighting(v, s) for v, s in zip(video, stories, strict=True)])
+    encoded = torch.cat([vae.encode(recoloured_video[i : i + BATCH]) for i in range(0, len(stories), BATCH)])
+    recoloured = latents.clone()
+    for i, story in enumerate(stories):
+        seen = sighting_frames(story)
+        recoloured[i, seen] = encoded[i, seen]
+    pasts = {"true": latents, "removed": torch.stack([without_sighting(x, s) for x, s in zip(latents, stories,
+                                                                                               strict=True)]),
+             "recoloured": recoloured}  # fmt: skip
+    oracle = Oracle()
+
+    def decode(x: torch.Tensor) -> list[np.ndarray]:
+        decoded = torch.cat([vae.decode(x[i : i + BATCH]) for i in range(0, len(x), BATCH)])
+        return [from_model_pixels(v.float().numpy()) for v in decoded]
+
+    scores = {"vae_roundtrip": per_clip(oracle, stories, decode(latents))}
+    rows = {"vae_roundtrip": {**mean_row(scores["vae_roundtrip"]), "colour": colour(latents)}}
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    for name, past in pasts.items():
+        sampled, steps = [], []
+        for i in range(0, len(stories), BATCH):
+            batch = slice(i, i + BATCH)
+            out, x0s = sample_return(gen, past[batch], story_prompts(text, stories[batch], prompting), back,
+                                     noise[batch], ode_steps)  # fmt: skip
+            sampled.append(out)
+            steps.append(x0s)
+        sampled = torch.cat(sampled)
+        sampled[:, :back] = latents[:, :back]  # scored against the true sighting, whatever the past it was given
+        scores[name] = per_clip(oracle, stories, decode(sampled))
+        by_step = [torch.cat([batch_steps[k] for batch_steps in steps]) for k in range(len(steps[0]))]
+        probed = latents.clone()
+        colours = []
+        for x0 in by_step:
+            probed[:, back : back + gen.chunk] = x0
+            colours.append(colour(probed, first))
+        rows[name] = {**mean_row(scores[name]), "colour": colour(sampled), "colour_by_step": colours}
+    chance_colour = float((labels == torch.bincount(ref_labels, minlength=len(colour_names)).argmax()).float().mean())
+    return {"back": back, "rows": rows, "colour_commonest": chance_colour,
+            "true_vs_removed": paired_difference(scores["true"], scores["removed"], "identity_above_chance")}
+
+
 def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int, split: str, sampler: dict,
-          reliance_only: bool = False) -> dict:  # fmt: skip
+          reliance_only: bool = False, forced: dict | None = None) -> dict:  # fmt: skip
+    """The teacher's rows and ``sighting_reliance``, or with ``forced`` (memory, prompts, sampler, reference) the
+    generator's :func:`forced_past` rows."""
+    reference = forced["reference"] if forced else 0
     try:
-        stories = [return_story_from_seed(seed, frames, gap) for seed in split_seeds(split, clips)]
+        stories = [return_story_from_seed(seed, frames, gap) for seed in split_seeds(split, clips + reference)]
     except ValueError as err:
         raise ConfigError(f"--frames {frames} --gap {gap}: {err} (at least "
                           f"{min_return_clip_latent_frames(gap)} frames for this gap)") from None  # fmt: skip
@@ -225,6 +356,15 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
         cfg = load_config(cfg_path, [*overrides, f"output_folder={scratch}", "save_trace=false"])
         plan = plan_run(cfg)
     text, vae = build_text_encoder(plan), build_vae(plan)
+    common = {"clips": clips, "split": split, "latent_frames": frames, "gap": gap, "config": str(cfg_path),
+              "overrides": overrides}  # fmt: skip
+    if forced:
+        gen = StreamingGenerator(load_generator(plan), dataclasses.replace(plan.stream, memory=forced["memory"]))
+        ode_steps = sampler["steps"] if forced["sampler"] == "ode" else None
+        result = forced_past(gen, text, vae, stories[:clips], stories[clips:], forced["prompts"], ode_steps,
+                             int(cfg.seed))  # fmt: skip
+        steps = list(plan.stream.denoising_step_list) if ode_steps is None else ode_steps
+        return {**common, "forced_past": {**forced, "steps": steps, **result}}
     teacher = load_teacher(cfg).eval().requires_grad_(False)
     rows = copied = None
     if not reliance_only:
@@ -238,9 +378,7 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
         rows = {k: mean_row(v) for k, v in scores.items()}
         copied = paired_difference(scores["teacher"], scores["teacher_spliced"], "identity_consistency")
     reliance = sighting_reliance(teacher, text, vae, stories, sampler["shift"], int(cfg.seed)) if gap > 0 else None
-    return {"clips": clips, "split": split, "latent_frames": frames, "gap": gap, "sampler": sampler,
-            "config": str(cfg_path), "overrides": overrides, "rows": rows,
-            "teacher_vs_spliced": copied, "sighting_reliance": reliance}  # fmt: skip
+    return {**common, "sampler": sampler, "rows": rows, "teacher_vs_spliced": copied, "sighting_reliance": reliance}
 
 
 def main(argv: list[str]) -> int:
@@ -257,6 +395,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--reliance_only", action="store_true",
                         help="only sighting_reliance (seconds), not the sampled rows (minutes)")
+    parser.add_argument("--forced_past", action="store_true",
+                        help="probe the causal generator (generator_ckpt) instead: its return given the true past")
+    parser.add_argument("--memory", choices=MEMORY_MODES, default="full", help="--forced_past: the memory mode")
+    parser.add_argument("--prompts", choices=("joined", "switched"), default="joined",
+                        help="--forced_past: one joined prompt, or each segment's own switched in")
+    parser.add_argument("--sampler", choices=("few_step", "ode"), default="few_step",
+                        help="--forced_past: the generator's denoising_step_list, or --steps Euler steps")
+    parser.add_argument("--reference", type=int, default=None,
+                        help="--forced_past: return clips the colour probe is referenced on (default 2 x --clips)")
     args, rest = parser.parse_known_args(argv)
     if args.clips < 2:
         raise ConfigError(f"--clips {args.clips}: give at least 2 (the chance row splices one clip into another)")
@@ -265,15 +412,29 @@ def main(argv: list[str]) -> int:
     if args.reliance_only and args.gap < 1:
         raise ConfigError(f"--reliance_only --gap {args.gap}: sighting_reliance needs a gap (its empty opening chunk "
                           "stands in for the sighting); give --gap 9")  # fmt: skip
+    forced = None
+    if args.forced_past:
+        if args.gap < 1 or args.reliance_only:
+            raise ConfigError(f"--forced_past with --gap {args.gap}{' --reliance_only' * args.reliance_only}: "
+                              "it needs a gap (its removed past) and samples; give --gap 9 without --reliance_only")
+        reference = 2 * args.clips if args.reference is None else args.reference
+        if reference < 3 * len(COLOURS):
+            raise ConfigError(f"--reference {reference}: the colour probe needs at least {3 * len(COLOURS)} "
+                              "reference clips")  # fmt: skip
+        forced = {"memory": args.memory, "prompts": args.prompts, "sampler": args.sampler, "reference": reference}
     config_path, _, overrides = parse_cli(rest, str(DEFAULT_CONFIG), prog="probe_teacher.py")
     torch.set_num_threads(args.threads)
     sampler = {"steps": args.steps, "guidance": args.guidance, "negative_prompt": args.negative_prompt,
                "shift": float(defaults.timestep_shift)}  # fmt: skip
-    result = probe(config_path, overrides, args.clips, args.frames, args.gap, args.split, sampler, args.reliance_only)
+    result = probe(config_path, overrides, args.clips, args.frames, args.gap, args.split, sampler, args.reliance_only,
+                   forced)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{args.clips} {args.split} return clips of {args.frames} latent frames, gap {args.gap}\n")
+    if forced:
+        print_forced_past(result["forced_past"])
+        return 0
     if result["rows"] is not None:
         print("| row | identity consistency | subject drawn at sighting | at return |\n|---|---|---|---|")
         for name, row in result["rows"].items():
@@ -287,6 +448,20 @@ def main(argv: list[str]) -> int:
         for mode, levels in result["sighting_reliance"].items():
             print(f"  {mode}: " + " ".join(f"{v:.3f}" for v in levels.values()))
     return 0
+
+
+def print_forced_past(result: dict) -> None:
+    print(f"the return (from latent frame {result['back']}) sampled after the true past; memory {result['memory']}, "
+          f"{result['prompts']} prompts, sampler {result['sampler']} {result['steps']}\n")
+    print("| past | identity | by chance | above chance | colour probe | colour probe by sampler step |\n"
+          "|---|---|---|---|---|---|")
+    for name, row in result["rows"].items():
+        steps = " ".join(f"{v:.2f}" for v in row.get("colour_by_step", [])) or "-"
+        print(f"| {name} | {row['identity_consistency']:.3f} | {row['identity_chance']:.3f} "
+              f"| {row['identity_above_chance']:+.3f} | {row['colour']:.2f} | {steps} |")  # fmt: skip
+    c = result["true_vs_removed"]
+    print(f"\nabove chance, true - removed: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']:.0f}:{c['losses']:.0f}); "
+          f"colour probe answering the commonest colour: {result['colour_commonest']:.2f}")
 
 
 if __name__ == "__main__":

@@ -159,6 +159,25 @@ def test_teacher_forcing_equals_denoising_each_chunk_over_its_true_past(dit):
     assert not torch.allclose(forced, forced_flow(dit, _latents(12, seed=9), noisy, t, prompt, chunk_frames=CHUNK))
 
 
+@torch.no_grad()
+def test_one_euler_step_equals_the_one_step_sampler(dit):
+    """The ODE sampler's single step from pure noise is the x0 prediction a one-step denoising list makes."""
+    config = StreamConfig(memory="full", denoising_step_list=(1000,))
+    x, noise, prompt = _latents(3), _latents(3, seed=5), _prompt(0)
+    results, steps = [], []
+    for sample in ("denoise", "integrate", "integrate4"):
+        gen = StreamingGenerator(dit, config)
+        gen.start(prompt, num_frames=6, latent_height=H, latent_width=W)
+        gen.commit_chunk(x)
+        if sample == "denoise":
+            results.append(gen.denoise_chunk(noise))
+        else:
+            results.append(gen.integrate_chunk(noise, 1 if sample == "integrate" else 4,
+                                               on_step=lambda step, x0: steps.append(step)))  # fmt: skip
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
+    assert steps == [0, 0, 1, 2, 3] and not torch.allclose(results[2], results[0], atol=1e-3)
+
+
 def _generate(dit, config, frames=24, prompts=None, switches=(), seed=3, trace=False):
     gen = StreamingGenerator(dit, config, trace=trace)
     prompts = prompts or [_prompt(0)]

@@ -51,6 +51,7 @@ from trainer.vae_train import (
 from utils.config import load_config
 from utils.oracle import Oracle
 from utils.world import (
+    COLOURS,
     PROMPT_SEED_OFFSET,
     narrative_from_seed,
     pixel_frame,
@@ -614,9 +615,39 @@ def test_teacher_probe_reliance_only_skips_the_sampled_rows() -> None:
     assert all(v > 0 for levels in result["sighting_reliance"].values() for v in levels.values())
 
 
+def test_colour_probe_reads_a_returning_subject_from_its_true_latents_only(monkeypatch) -> None:
+    probe = load_probe_teacher(monkeypatch)
+    stories = [return_story_from_seed(seed, 24, 9) for seed in split_seeds("validation", 60)]
+    video = torch.from_numpy(np.stack([to_model_pixels(s.frames) for s in stories]))
+    latents = _PooledClip().encode(video)
+    cells = probe.subject_coverage(video, (latents.shape[1], *latents.shape[3:]))
+    assert torch.equal(cells > 0, probe.latent_subject_mask(video, (latents.shape[1], *latents.shape[3:])) > 0)
+    cells[:, :21] = 0
+    labels = torch.tensor([list(COLOURS).index(s.subjects[probe.returning_subject(s)[1]].colour) for s in stories])
+    features = probe.return_features(latents, cells)
+    truth = probe.nearest_colours(features[20:], labels[20:], features[:20])
+    shuffled = probe.nearest_colours(features[20:], labels[20:], features[:20].roll(1, 0))
+    assert (truth == labels[:20]).float().mean() >= 0.8 > (shuffled == labels[:20]).float().mean() + 0.4
+
+
+def test_forced_past_probe_prints_json_rows() -> None:
+    proc = run_script("scripts/probe_teacher.py", "--forced_past", "--clips", "2", "--reference", "24", "--frames",
+                      "24", "--sampler", "ode", "--steps", "3", "--prompts", "switched", "--json",
+                      *RANDOM_WEIGHTS)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)["forced_past"]
+    assert set(result["rows"]) == {"vae_roundtrip", "true", "removed", "recoloured"}
+    assert result["back"] == 21 and result["steps"] == 3 and result["memory"] == "full"
+    assert all(len(result["rows"][name]["colour_by_step"]) == 3 for name in ("true", "removed", "recoloured"))
+    assert all(0.0 <= row["colour"] <= 1.0 for row in result["rows"].values())
+    assert result["true_vs_removed"]["pairs"] == 2
+
+
 @pytest.mark.parametrize("args, field", [(["--clips", "1"], "--clips"), (["--frames", "12", "--gap", "9"], "--gap"),
                                          (["--steps", "0"], "--steps"),
-                                         (["--reliance_only", "--gap", "0"], "--reliance_only")])  # fmt: skip
+                                         (["--reliance_only", "--gap", "0"], "--reliance_only"),
+                                         (["--forced_past", "--gap", "0"], "--forced_past"),
+                                         (["--forced_past", "--reference", "8"], "--reference")])  # fmt: skip
 def test_teacher_probe_rejects_bad_arguments_in_one_line(args: list[str], field: str) -> None:
     proc = run_script("scripts/probe_teacher.py", *args, *RANDOM_WEIGHTS)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and field in proc.stderr

@@ -83,12 +83,18 @@ def build_latent_cache(
     return Path(path)
 
 
-def latent_subject_mask(video: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
-    """``uint8 [B, F, h, w]`` for pixels ``[B, T, 3, H, W]`` and latents of ``latent_shape`` (F, h, w): the latent
-    cells whose pixels, in any of the frames their latent frame encodes, show a subject."""
+def subject_coverage(video: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+    """``float [B, F, h, w]`` for pixels ``[B, T, 3, H, W]`` and latents of ``latent_shape`` (F, h, w): the share of
+    each latent cell's pixels that show a subject, over the pixel frames its latent frame encodes."""
     mask = subject_mask(video.transpose(1, 2))[:, 0].float()  # [B, T, H, W]
-    frames = torch.stack([mask[:, pixel_frame(f) : pixel_frame(f + 1)].amax(1) for f in range(latent_shape[0])], 1)
-    return (F.adaptive_max_pool2d(frames, tuple(latent_shape[1:])) > 0).to(torch.uint8)
+    frames = torch.stack([mask[:, pixel_frame(f) : pixel_frame(f + 1)].mean(1) for f in range(latent_shape[0])], 1)
+    return F.adaptive_avg_pool2d(frames, tuple(latent_shape[1:]))
+
+
+def latent_subject_mask(video: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+    """``uint8 [B, F, h, w]``: the latent cells whose pixels, in any of the frames their latent frame encodes, show
+    a subject (:func:`subject_coverage` above 0)."""
+    return (subject_coverage(video, latent_shape) > 0).to(torch.uint8)
 
 
 def load_latent_cache(path: Path) -> dict[str, torch.Tensor]:

@@ -367,6 +367,15 @@ class ColourProbe:
 
 
 @torch.no_grad()
+def nearest_colours(reference: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor,
+                    neighbours: int = 5) -> torch.Tensor:  # fmt: skip
+    """The colour index (into ``COLOURS``) most common among each query's ``neighbours`` nearest reference features
+    [N, C], all standardised by the reference's per-channel statistics."""
+    mean, std = reference.mean(0), reference.std(0).clamp_min(1e-6)
+    nearest = torch.cdist((queries - mean) / std, (reference - mean) / std).topk(neighbours, largest=False).indices
+    return torch.nn.functional.one_hot(labels[nearest], len(COLOURS)).sum(1).argmax(1)
+
+
 def colour_probe(vae: WanVAE, seeds: Sequence[int], neighbours: int = 5) -> ColourProbe:
     """Probe the first-frame latents of the training clips of ``seeds`` (the first two thirds of the subjects
     are the reference, the rest are scored)."""
@@ -390,14 +399,10 @@ def colour_probe(vae: WanVAE, seeds: Sequence[int], neighbours: int = 5) -> Colo
         raise ValueError(f"{len(colours)} visible subjects in {len(seeds)} clips; the probe needs more seeds")
     x, labels = torch.stack(features), torch.tensor(colours)
     split = 2 * len(labels) // 3
-    reference = x[:split]
-    scaled = (x - reference.mean(0)) / reference.std(0).clamp_min(1e-6)
-    nearest = torch.cdist(scaled[split:], scaled[:split]).topk(neighbours, largest=False).indices
-    votes = torch.nn.functional.one_hot(labels[:split][nearest], len(names)).sum(1)
     commonest = torch.bincount(labels[:split], minlength=len(names)).argmax()
     held_out = labels[split:]
     return ColourProbe(
-        accuracy=float((votes.argmax(1) == held_out).float().mean()),
+        accuracy=float((nearest_colours(x[:split], labels[:split], x[split:], neighbours) == held_out).float().mean()),
         chance=float((held_out == commonest).float().mean()),
         subjects=len(labels),
     )
