@@ -205,7 +205,7 @@ def train_flow(argv: list[str], stage: str, trainer_class: type[TeacherTrainer])
         print(f"{stage}: encoded {len(seeds)} clips into {cache_path} in {time.perf_counter() - start:.0f} s")
     cache = load_latent_cache(cache_path)
     check_latent_cache(cache, cache_path, seeds, int(cfg.clip_latent_frames), int(overrides_dit["text_len"]),
-                       fraction, gap)  # fmt: skip
+                       fraction, gap, str(cfg.uncond_prompt))  # fmt: skip
     trainer = trainer_class(settings, cache)
     if init_from is not None:
         trainer.load_weights(init_from, init_state)

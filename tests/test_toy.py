@@ -290,7 +290,8 @@ def test_a_stale_latent_cache_is_refused_naming_the_field(tmp_path: Path) -> Non
     check_latent_cache(cache, path, [3, 4], 9, 8, 0.5, 0)
     for field, args in (("num_clips", ([3], 9, 8, 0.5, 0)), ("clip_latent_frames", ([3, 4], 12, 8, 0.5, 0)),
                         ("text_len", ([3, 4], 9, 16, 0.5, 0)), ("return_fraction", ([3, 4], 9, 8, 0.8, 0)),
-                        ("return_gap", ([3, 4], 9, 8, 0.5, 3)), ("training seeds", ([3, 5], 9, 8, 0.5, 0))):
+                        ("return_gap", ([3, 4], 9, 8, 0.5, 3)), ("training seeds", ([3, 5], 9, 8, 0.5, 0)),
+                        ("uncond_prompt", ([3, 4], 9, 8, 0.5, 0, "blurry"))):
         with pytest.raises(ConfigError, match=field):
             check_latent_cache(cache, path, *args)
 

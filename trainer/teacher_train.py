@@ -58,8 +58,8 @@ def build_latent_cache(
     ``subjects`` (:func:`latent_subject_mask` of each clip).
 
     A ``return_fraction`` of the seeds give return clips with a cut of ``return_gap`` frames
-    (:func:`utils.world.training_clip`); both are stored in the file's metadata, so that
-    :func:`check_latent_cache` can refuse a cache of another mix.
+    (:func:`utils.world.training_clip`); both, and ``uncond_prompt``, are stored in the file's metadata, so
+    that :func:`check_latent_cache` can refuse a cache of another mix or another unconditional prompt.
     """
     latents, subjects, texts = [], [], []
     for start in range(0, len(seeds), batch_size):
@@ -77,7 +77,8 @@ def build_latent_cache(
         "uncond": encoder.encode([uncond_prompt]).contiguous(),
         "seeds": torch.tensor(list(seeds), dtype=torch.int64),
     }
-    recipe = {"return_fraction": str(float(return_fraction)), "return_gap": str(int(return_gap))}
+    recipe = {"return_fraction": str(float(return_fraction)), "return_gap": str(int(return_gap)),
+              "uncond_prompt": uncond_prompt}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=recipe)
     return Path(path)
@@ -114,6 +115,7 @@ def check_latent_cache(
     text_len: int,
     return_fraction: float,
     return_gap: int,
+    uncond_prompt: str = "",
 ) -> None:
     """Refuse a cache built for other clips than the config asks for: an existing cache is reused as is,
     so a stale one would silently train the teacher on the wrong clips or prompts."""
@@ -125,11 +127,13 @@ def check_latent_cache(
         "model_overrides.text_len": (cache["context"].shape[1], text_len),
         "return_fraction": (float(recipe.get("return_fraction", return_fraction)), float(return_fraction)),
         "return_gap": (int(recipe.get("return_gap", return_gap)), int(return_gap)),
+        "uncond_prompt": (recipe.get("uncond_prompt", uncond_prompt), uncond_prompt),
     }
     fix = "delete the cache or give another cache_path"
     for name, (held, wanted) in found.items():
         if held != wanted:
-            raise ConfigError(f"cache_path={path} holds clips with {name}={held}, the config asks for {wanted}; {fix}")
+            raise ConfigError(f"cache_path={path} holds clips with {name}={held!r}, the config asks for "
+                              f"{wanted!r}; {fix}")  # fmt: skip
     if "seeds" in cache and cache["seeds"].tolist() != list(seeds):
         raise ConfigError(f"cache_path={path} holds other clips than the first {len(seeds)} training seeds; {fix}")
 
