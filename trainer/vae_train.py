@@ -366,7 +366,6 @@ class ColourProbe:
     subjects: int
 
 
-@torch.no_grad()
 def nearest_colours(reference: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor,
                     neighbours: int = 5) -> torch.Tensor:  # fmt: skip
     """The colour index (into ``COLOURS``) most common among each query's ``neighbours`` nearest reference features
@@ -376,6 +375,7 @@ def nearest_colours(reference: torch.Tensor, labels: torch.Tensor, queries: torc
     return torch.nn.functional.one_hot(labels[nearest], len(COLOURS)).sum(1).argmax(1)
 
 
+@torch.no_grad()
 def colour_probe(vae: WanVAE, seeds: Sequence[int], neighbours: int = 5) -> ColourProbe:
     """Probe the first-frame latents of the training clips of ``seeds`` (the first two thirds of the subjects
     are the reference, the rest are scored)."""
