@@ -174,8 +174,10 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 
 def weights_layout(folder: Path) -> str:
-    """``diffusers`` for a Diffusers pipeline folder, else ``original`` (the Wan2.1 release layout)."""
-    return "diffusers" if (folder / "model_index.json").is_file() or (folder / "transformer").is_dir() else "original"
+    """``diffusers`` for a Diffusers pipeline folder (also one holding only ``vae/``, its DiT given by
+    ``generator_ckpt``), else ``original`` (the Wan2.1 release layout)."""
+    diffusers = ("model_index.json", "transformer", "vae/config.json")
+    return "diffusers" if any((folder / name).exists() for name in diffusers) else "original"
 
 
 def _dit_present(folder: Path) -> bool:

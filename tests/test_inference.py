@@ -249,6 +249,13 @@ def test_missing_weights_lists_every_file(tmp_path):
         plan_run(load_config(ROOT / "configs" / "inference.yaml", [f"weights_dir={tmp_path / 'wan'}",
                                                                    f"output_folder={tmp_path / 'out'}"]))
     assert not (tmp_path / "out").exists()
+    vae_only = tmp_path / "toy" / "vae"  # a trained VAE beside a generator_ckpt: no transformer folder needed
+    vae_only.mkdir(parents=True)
+    (vae_only / "config.json").write_text("{}")
+    names = [str(p.relative_to(tmp_path)) for p, _ in missing_weights(load_config(ROOT / "configs" / "inference.yaml", [
+        f"weights_dir={tmp_path / 'toy'}", f"generator_ckpt={tmp_path / 'base.pt'}", "lora_ckpt=null",
+        "text_encoder=minilm"]))]  # fmt: skip
+    assert names == ["toy/vae/diffusion_pytorch_model.safetensors", "base.pt"]
 
 
 def test_published_layout_loads_base_and_lora_merged_or_not(tmp_path):
