@@ -23,7 +23,7 @@ from memflow.errors import ConfigError
 from memflow.scheduler import FlowMatchScheduler
 from utils.world import CHUNK_FRAMES
 
-from .teacher_train import TeacherSettings, TeacherTrainer, sample_timesteps
+from .teacher_train import TeacherSettings, TeacherTrainer, flow_matching_loss
 
 
 class TeacherForcingAttention:
@@ -84,15 +84,10 @@ def forcing_loss(
     context: torch.Tensor,
     generator: torch.Generator,
     weight: torch.Tensor | None = None,
-    chunk_frames: int = CHUNK_FRAMES,
 ) -> torch.Tensor:
-    """MSE of :func:`forced_flow` against the true flow, every chunk at its own shifted-grid timestep; ``weight``
-    [B, F, h, w] scales each latent cell's squared error."""
-    t = sample_timesteps(scheduler, tuple(x0.shape[:2]), generator, chunk_noise=1.0, chunk_frames=chunk_frames)
-    noise = torch.randn(x0.shape, generator=generator)
-    xt = scheduler.add_noise(x0, noise, t)
-    error = (forced_flow(model, x0, xt, t, context, chunk_frames) - scheduler.training_target(x0, noise)).pow(2)
-    return error.mean() if weight is None else (error * weight[:, :, None]).mean()
+    """:func:`trainer.teacher_train.flow_matching_loss` of :func:`forced_flow`, every chunk at its own timestep."""
+    return flow_matching_loss(model, scheduler, x0, context, generator, weight, chunk_noise=1.0,
+                              predict=lambda xt, t: forced_flow(model, x0, xt, t, context))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ lower the loss.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,13 +191,16 @@ def flow_matching_loss(
     generator: torch.Generator,
     weight: torch.Tensor | None = None,
     chunk_noise: float = 0.0,
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """MSE between the predicted and true flow at :func:`sample_timesteps`; ``weight`` [B, F, h, w] scales
-    each latent cell's squared error (all channels alike)."""
+    each latent cell's squared error (all channels alike). ``predict(xt, t)`` replaces the model's plain
+    forward (teacher forcing passes its two-pass one)."""
     t = sample_timesteps(scheduler, tuple(x0.shape[:2]), generator, chunk_noise)
     noise = torch.randn(x0.shape, generator=generator)
     xt = scheduler.add_noise(x0, noise, t)
-    error = (model(xt, t, context) - scheduler.training_target(x0, noise)).pow(2)
+    prediction = model(xt, t, context) if predict is None else predict(xt, t)
+    error = (prediction - scheduler.training_target(x0, noise)).pow(2)
     return error.mean() if weight is None else (error * weight[:, :, None]).mean()
 
 
