@@ -5,6 +5,8 @@ its memory.
 usage: python scripts/probe_teacher.py [--clips 48] [--frames 21] [--gap 9] [--split validation|test] [--json]
                                        [--reliance_only] [--threads 1]
                                        [--steps 16] [--guidance 3.0] [--negative_prompt ""]
+                                       [--forced_past [--sampler few_step|ode] [--memory full]
+                                        [--prompts joined|switched] [--reference N]]
                                        [--config_path configs/toy/interactive_inference.yaml] [key=value ...]
 
 Each held-out seed gives a return story (``utils.world.return_story_from_seed``): a subject named by none
@@ -32,6 +34,10 @@ the teacher ignores the sighting. Removing the sighting also removes where the s
 in place reveals by itself; the ``_recoloured`` rows keep place, shape and pattern and change only the
 colour of the sighting (:func:`recoloured_sighting`), so they measure whether the teacher takes the
 subject's look from it.
+
+``--forced_past`` asks a causal generator (``generator_ckpt``, e.g. one from ``train_toy.py forcing``) instead:
+its return sampled after the TRUE past, with the sighting as it was, removed or recoloured
+(:func:`forced_past`).
 """
 
 from __future__ import annotations
