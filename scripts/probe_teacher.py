@@ -189,6 +189,19 @@ def recoloured_sighting(video: torch.Tensor, story: Narrative) -> torch.Tensor:
     return out
 
 
+def recoloured_latents(vae: WanVAE, video: torch.Tensor, latents: torch.Tensor,
+                       stories: list[Narrative]) -> torch.Tensor:  # fmt: skip
+    """``latents`` of the clips ``video`` with the latent frames of each sighting taken from the clip encoded with
+    :func:`recoloured_sighting`: only those, as the causal encoder would carry the colour onwards."""
+    recoloured_video = torch.stack([recoloured_sighting(v, s) for v, s in zip(video, stories, strict=True)])
+    encoded = torch.cat([vae.encode(recoloured_video[i : i + BATCH]) for i in range(0, len(stories), BATCH)])
+    recoloured = latents.clone()
+    for i, story in enumerate(stories):
+        seen = sighting_frames(story)
+        recoloured[i, seen] = encoded[i, seen]
+    return recoloured
+
+
 @torch.no_grad()
 def sighting_reliance(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: list[Narrative], shift: float,
                       seed: int) -> dict[str, dict[str, float]]:  # fmt: skip
@@ -203,12 +216,7 @@ def sighting_reliance(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: 
     frames = torch.arange(latents.shape[1])
     cells = cells * (frames[None] >= back[:, None])[:, :, None, None]
     ablated = torch.stack([without_sighting(x, s) for x, s in zip(latents, stories, strict=True)])
-    recoloured_video = torch.stack([recoloured_sighting(v, s) for v, s in zip(video, stories, strict=True)])
-    encoded = torch.cat([vae.encode(recoloured_video[i : i + BATCH]) for i in range(0, len(stories), BATCH)])
-    recoloured = latents.clone()
-    for i, story in enumerate(stories):  # only the sighting's latents: the causal encoder carries colour onwards
-        seen = sighting_frames(story)
-        recoloured[i, seen] = encoded[i, seen]
+    recoloured = recoloured_latents(vae, video, latents, stories)
     context = text.encode([joined_prompt(s) for s in stories])
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     target = scheduler.training_target(latents, noise)
@@ -307,12 +315,7 @@ def forced_past(gen: StreamingGenerator, text: TextEncoder, vae: WanVAE, stories
         guess = nearest_colours(ref_features, ref_labels, return_features(sampled, where))
         return float((guess == labels).float().mean())
 
-    recoloured_video = torch.stack([recoloured_sighting(v, s) for v, s in zip(video, stories, strict=True)])
-    encoded = torch.cat([vae.encode(recoloured_video[i : i + BATCH]) for i in range(0, len(stories), BATCH)])
-    recoloured = latents.clone()
-    for i, story in enumerate(stories):
-        seen = sighting_frames(story)
-        recoloured[i, seen] = encoded[i, seen]
+    recoloured = recoloured_latents(vae, video, latents, stories)
     pasts = {"true": latents, "removed": torch.stack([without_sighting(x, s) for x, s in zip(latents, stories,
                                                                                                strict=True)]),
              "recoloured": recoloured}  # fmt: skip
