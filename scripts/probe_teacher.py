@@ -46,6 +46,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -189,12 +190,17 @@ def recoloured_sighting(video: torch.Tensor, story: Narrative) -> torch.Tensor:
     return out
 
 
+def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn`` (a VAE's encode or decode) over ``x`` in batches of ``BATCH`` clips, concatenated."""
+    return torch.cat([fn(x[i : i + BATCH]) for i in range(0, len(x), BATCH)])
+
+
 def recoloured_latents(vae: WanVAE, video: torch.Tensor, latents: torch.Tensor,
                        stories: list[Narrative]) -> torch.Tensor:  # fmt: skip
     """``latents`` of the clips ``video`` with the latent frames of each sighting taken from the clip encoded with
     :func:`recoloured_sighting`: only those, as the causal encoder would carry the colour onwards."""
     recoloured_video = torch.stack([recoloured_sighting(v, s) for v, s in zip(video, stories, strict=True)])
-    encoded = torch.cat([vae.encode(recoloured_video[i : i + BATCH]) for i in range(0, len(stories), BATCH)])
+    encoded = in_batches(vae.encode, recoloured_video)
     recoloured = latents.clone()
     for i, story in enumerate(stories):
         seen = sighting_frames(story)
@@ -210,7 +216,7 @@ def sighting_reliance(teacher: WanDiT, text: TextEncoder, vae: WanVAE, stories: 
     noise level of the return."""
     scheduler = FlowMatchScheduler(shift=shift)
     video = torch.from_numpy(np.stack([to_model_pixels(s.frames) for s in stories]))
-    latents = torch.cat([vae.encode(video[i : i + BATCH]) for i in range(0, len(stories), BATCH)])
+    latents = in_batches(vae.encode, video)
     cells = latent_subject_mask(video, (latents.shape[1], *latents.shape[3:])).float()
     back = torch.tensor([s.segments[returning_subject(s)[0]].start for s in stories])
     frames = torch.arange(latents.shape[1])
@@ -298,7 +304,7 @@ def forced_past(gen: StreamingGenerator, text: TextEncoder, vae: WanVAE, stories
 
     def encode(stories: list[Narrative]) -> tuple[torch.Tensor, ...]:
         video = torch.from_numpy(np.stack([to_model_pixels(s.frames) for s in stories]))
-        latents = torch.cat([vae.encode(video[i : i + BATCH]) for i in range(0, len(stories), BATCH)])
+        latents = in_batches(vae.encode, video)
         coverage = subject_coverage(video, (latents.shape[1], *latents.shape[3:]))
         coverage[:, :back] = 0
         labels = torch.tensor([colour_names.index(s.subjects[returning_subject(s)[1]].colour) for s in stories])
@@ -322,7 +328,7 @@ def forced_past(gen: StreamingGenerator, text: TextEncoder, vae: WanVAE, stories
     oracle = Oracle()
 
     def decode(x: torch.Tensor) -> list[np.ndarray]:
-        decoded = torch.cat([vae.decode(x[i : i + BATCH]) for i in range(0, len(x), BATCH)])
+        decoded = in_batches(vae.decode, x)
         return [from_model_pixels(v.float().numpy()) for v in decoded]
 
     scores = {"vae_roundtrip": per_clip(oracle, stories, decode(latents))}
