@@ -189,7 +189,7 @@ def test_clean_context_keeps_whole_leading_chunks_clean_and_judges_only_the_rest
         return torch.ones_like(xt)
 
     objective = DMDObjective(zero_flow, unit_flow, sched, ScoreTimestepSampler(), guidance_scale=0.0,
-                             context_chunk=chunk)  # fmt: skip
+                             score_context="clean", chunk_frames=chunk)  # fmt: skip
     x0, cond = _latents(b=64, f=frames).requires_grad_(), torch.randn(64, 5, 32)
     loss, log = objective.generator_loss(x0, cond, uncond=cond)
     loss.backward()
@@ -215,6 +215,60 @@ def test_clean_context_keeps_whole_leading_chunks_clean_and_judges_only_the_rest
 
 def test_clean_context_needs_two_chunks():
     model = _tiny(0)
-    objective = DMDObjective(model, model, FlowMatchScheduler(), ScoreTimestepSampler(), context_chunk=3)
+    objective = DMDObjective(model, model, FlowMatchScheduler(), ScoreTimestepSampler(), score_context="clean")
     with pytest.raises(ValueError, match="two 3-frame chunks"):
         objective.critic_loss(_latents(f=3), torch.randn(2, 5, 32))
+
+
+def test_forced_context_noises_each_chunk_to_its_own_timestep_and_gives_the_scores_the_clean_sample(monkeypatch):
+    calls = []
+
+    def spy(model, x0, xt, t, context, chunk_frames):
+        calls.append((model, x0, xt, t, chunk_frames))
+        return torch.zeros_like(xt)
+
+    monkeypatch.setattr("trainer.dmd.forced_flow", spy)
+    objective = DMDObjective("real", "fake", FlowMatchScheduler(), ScoreTimestepSampler(), guidance_scale=0.0,
+                             score_context="forced", chunk_frames=3)  # fmt: skip
+    x0, cond = _latents(b=16, f=8), torch.randn(16, 5, 32)
+    objective.critic_loss(x0.requires_grad_(), cond)
+    model, sample, _, t, chunk = calls[0]
+    assert model == "fake" and chunk == 3 and torch.equal(sample, x0) and not sample.requires_grad
+    assert t.shape == (16, 8) and (t >= 20).all()
+    assert torch.equal(t, t[:, ::3].repeat_interleave(3, dim=1)[:, :8])  # whole chunks share one, the last short
+    assert not torch.equal(t[:, 0], t[:, 3])
+
+    calls.clear()
+    objective.generator_loss(x0, cond, uncond=cond)
+    assert [c[0] for c in calls] == ["fake", "real", "real"]
+    assert all(torch.equal(c[1], x0) for c in calls)
+
+
+def test_forced_scores_see_a_chunk_only_through_the_chunks_after_it():
+    """Chunk c is scored from its own noisy frames and the clean chunks before it: the clean sample's last chunk
+    changes no prediction, its first changes every prediction but its own."""
+    model = _tiny(0)
+    objective = DMDObjective(model, model, FlowMatchScheduler(), ScoreTimestepSampler(), guidance_scale=0.0,
+                             score_context="forced", chunk_frames=3)  # fmt: skip
+    x0, xt = _latents(f=9, seed=1), _latents(f=9, seed=2)
+    t = torch.tensor([[900.0] * 3 + [500.0] * 3 + [100.0] * 3] * 2)
+    cond, uncond = torch.randn(2, 5, 32), torch.zeros(2, 5, 32)
+    with torch.no_grad():
+        base = objective.real_x0(xt, t, cond, uncond, x0)
+        last = x0.clone()
+        last[:, 6:] = torch.randn_like(last[:, 6:])
+        first = x0.clone()
+        first[:, :3] = torch.randn_like(first[:, :3])
+        assert torch.equal(objective.real_x0(xt, t, cond, uncond, last), base)
+        moved = objective.real_x0(xt, t, cond, uncond, first)
+    assert torch.equal(moved[:, :3], base[:, :3])
+    assert (moved[:, 3:] - base[:, 3:]).abs().amax() > 1e-3
+
+    loss, _ = objective.generator_loss(x0.requires_grad_(), cond, uncond)  # unguided, the critic is the teacher
+    loss.backward()
+    assert loss.item() == 0 and (x0.grad == 0).all()
+
+
+def test_unknown_score_context_is_refused():
+    with pytest.raises(ConfigError, match="score_context='noisy'"):
+        DMDObjective(None, None, FlowMatchScheduler(), ScoreTimestepSampler(), score_context="noisy")

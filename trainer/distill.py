@@ -90,7 +90,7 @@ from utils.config import (
 )
 from utils.distributed import all_reduce_mean, barrier, shard_model
 
-from .dmd import DMDObjective, ScoreTimestepSampler
+from .dmd import SCORE_CONTEXTS, DMDObjective, ScoreTimestepSampler
 from .ema import EMA
 from .ode_init import record_indices
 from .rollout import (
@@ -106,9 +106,6 @@ from .rollout import (
 log = logging.getLogger(__name__)
 
 STAGES = ("ode_init", "init", "long")
-# How the real and fake scores see a generated window: all frames equally noisy (the release) or a
-# clean leading context with only the later chunks noised (see DMDObjective).
-SCORE_CONTEXTS = ["joint", "clean"]
 SHARDING = {"full": "full", "hybrid": "hybrid", "hybrid_full": "hybrid"}
 CHECKPOINT_FORMAT = "memflow-train-1"
 # Keys that must match for a logdir's checkpoints to belong to this run (anything else may change on resume).
@@ -925,10 +922,10 @@ class DistillTrainer:
         with torch.no_grad():
             negative = encoder.encode([cfg.negative_prompt])
         sampler = ScoreTimestepSampler(plan.stream.timestep_shift, cfg.min_score_timestep, cfg.max_score_timestep)
-        clean = cfg.score_context == "clean"
         self.dmd = DMDObjective(nets.teacher, nets.critic, self.scheduler, sampler,
                                 guidance_scale=cfg.guidance_scale, negative_context=negative,
-                                context_chunk=plan.stream.num_frame_per_block if clean else None)  # fmt: skip
+                                score_context=cfg.score_context,
+                                chunk_frames=plan.stream.num_frame_per_block)  # fmt: skip
         self.gen_opt = adamw(nets.generator, cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay)
         self.critic_opt = adamw(nets.critic, cfg.lr_critic, cfg.beta1_critic, cfg.beta2_critic, cfg.weight_decay)
         self.ema = EMA(nets.generator, cfg.ema_weight, cfg.ema_start_step)

@@ -15,7 +15,12 @@ import torch
 from memflow.errors import ConfigError
 from memflow.scheduler import FlowMatchScheduler
 
+from .forcing import forced_flow
+
 ScoreModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# How the real and fake scores see a generated window (DMDObjective): all frames equally noisy (the release),
+# a clean leading context with only the later chunks noised, or every chunk noised given the clean chunks before it.
+SCORE_CONTEXTS = ("joint", "clean", "forced")
 
 
 class ScoreTimestepSampler:
@@ -117,13 +122,19 @@ class DMDObjective:
     loss by the scheduler's ``linear_timesteps_weights`` (off by default, as in the release's
     flow loss, which is an unweighted MSE).
 
-    ``context_chunk`` (the generator's chunk length in latent frames) switches both scores from the
-    release's joint noising, where every frame of a sample is equally noisy, to a clean context:
-    each sample keeps a random number of whole leading chunks (at least one, never all) almost clean
-    (the scheduler's lowest timestep) and noises the rest; both losses judge only the noised frames.
-    A causal generator makes each chunk from clean earlier chunks, and a score that sees them clean
-    says how a chunk should follow from them (bring a subject back as it was), which a score of
-    equally noisy frames barely can.
+    ``score_context`` says how both scores see a generated window of ``chunk_frames``-frame chunks:
+
+    - ``joint`` (the release): every frame of a sample equally noisy.
+    - ``clean``: each sample keeps a random number of whole leading chunks (at least one, never all)
+      almost clean (the scheduler's lowest timestep) and noises the rest; both losses judge only the
+      noised frames. A causal generator makes each chunk from clean earlier chunks, and a score that
+      sees them clean says how a chunk should follow from them (bring a subject back as it was), which a
+      score of equally noisy frames barely can.
+    - ``forced``: every chunk is noised to its own timestep and scored given the clean sample's earlier
+      chunks (:func:`trainer.forcing.forced_flow`), so both scores must be ``WanDiT`` models, the real one
+      a teacher-forced generator (``train_toy.py forcing``). Summed over chunks the KL of the conditionals
+      is the KL of the whole window, and each is taken over the generator's own past: the data's answer to
+      "what follows what I drew", which teacher forcing alone never asks.
     """
 
     def __init__(
@@ -137,8 +148,11 @@ class DMDObjective:
         negative_context: torch.Tensor | None = None,
         per_frame_timesteps: bool = False,
         weight_critic_loss: bool = False,
-        context_chunk: int | None = None,
+        score_context: str = "joint",
+        chunk_frames: int = 3,
     ):
+        if score_context not in SCORE_CONTEXTS:
+            raise ConfigError(f"score_context={score_context!r}: choose one of {', '.join(SCORE_CONTEXTS)}")
         if guidance_scale < 0:
             raise ConfigError(f"guidance_scale={guidance_scale}: must be >= 0 (the release uses 3.0)")
         self.real_score = real_score
@@ -149,26 +163,38 @@ class DMDObjective:
         self.negative_context = negative_context
         self.per_frame_timesteps = per_frame_timesteps
         self.weight_critic_loss = weight_critic_loss
-        self.context_chunk = context_chunk
+        self.score_context = score_context
+        self.chunk_frames = chunk_frames
 
     def _noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(x_t, t, noise, scored frames [B, F] or None for all) with t from the score timestep sampler."""
         b, f = x0.shape[:2]
-        t = self.timestep_sampler(b, f if self.per_frame_timesteps else None, device=x0.device)
+        chunk = self.chunk_frames
+        if self.score_context == "forced":
+            t = self.timestep_sampler(b, -(-f // chunk), device=x0.device).repeat_interleave(chunk, dim=1)[:, :f]
+        else:
+            t = self.timestep_sampler(b, f if self.per_frame_timesteps else None, device=x0.device)
         scored = None
-        if self.context_chunk is not None:
-            chunks = f // self.context_chunk
+        if self.score_context == "clean":
+            chunks = f // chunk
             if chunks < 2:
-                raise ValueError(f"a clean context needs two {self.context_chunk}-frame chunks, got {f} frames")
-            start = torch.randint(1, chunks, (b, 1), device=x0.device) * self.context_chunk
+                raise ValueError(f"a clean context needs two {chunk}-frame chunks, got {f} frames")
+            start = torch.randint(1, chunks, (b, 1), device=x0.device) * chunk
             scored = torch.arange(f, device=x0.device)[None] >= start
             clean = self.scheduler.timesteps[-1].to(device=x0.device, dtype=t.dtype)
             t = torch.where(scored, t if t.dim() == 2 else t[:, None], clean)
         noise = torch.randn_like(x0)
         return self.scheduler.add_noise(x0, noise, t), t, noise, scored
 
-    def _x0(self, model: ScoreModel, xt: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.flow_to_x0(model(xt, t, context), xt, t)
+    def _flow(self, model: ScoreModel, xt: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+              x0: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        if self.score_context == "forced":
+            return forced_flow(model, x0, xt, t, context, self.chunk_frames)
+        return model(xt, t, context)
+
+    def _x0(self, model: ScoreModel, xt: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+            x0: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return self.scheduler.flow_to_x0(self._flow(model, xt, t, context, x0), xt, t)
 
     def _uncond(self, uncond: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         if uncond is None:
@@ -177,10 +203,12 @@ class DMDObjective:
             uncond = self.negative_context
         return uncond.expand(batch_size, *uncond.shape[1:]) if uncond.shape[0] == 1 else uncond
 
-    def real_x0(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        """The guided real score in x0 space (the release converts flow to x0, then guides)."""
-        x0_cond = self._x0(self.real_score, xt, t, cond)
-        x0_uncond = self._x0(self.real_score, xt, t, uncond)
+    def real_x0(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                x0: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The guided real score in x0 space (the release converts flow to x0, then guides); ``x0`` is the clean
+        sample, the past of ``forced`` scoring."""
+        x0_cond = self._x0(self.real_score, xt, t, cond, x0)
+        x0_uncond = self._x0(self.real_score, xt, t, uncond, x0)
         return classifier_free_guidance(x0_cond, x0_uncond, self.guidance_scale)
 
     def generator_loss(
@@ -189,9 +217,10 @@ class DMDObjective:
         """DMD loss of generator samples x0 [B, F, C, H, W]; gradient flows only into x0."""
         uncond = self._uncond(uncond, x0.shape[0])
         with torch.no_grad():
-            xt, t, _, scored = self._noised(x0.detach())
-            fake = self._x0(self.fake_score, xt, t, cond)
-            real = self.real_x0(xt, t, cond, uncond)
+            sample = x0.detach()
+            xt, t, _, scored = self._noised(sample)
+            fake = self._x0(self.fake_score, xt, t, cond, sample)
+            real = self.real_x0(xt, t, cond, uncond, sample)
         loss, log = dmd_loss(x0, real, fake, scored)
         log["dmd_timestep_mean"] = _scored_mean(t.float(), scored)
         return loss, log
@@ -203,9 +232,10 @@ class DMDObjective:
         the critic predicts, as in the release; an x0-space MSE would be sigma^2 times this one
         and all but ignore the low-noise timesteps.
         """
-        xt, t, noise, scored = self._noised(x0.detach())
-        flow = self.fake_score(xt, t, cond)
-        target = self.scheduler.training_target(x0.detach(), noise)
+        sample = x0.detach()
+        xt, t, noise, scored = self._noised(sample)
+        flow = self._flow(self.fake_score, xt, t, cond, sample)
+        target = self.scheduler.training_target(sample, noise)
         per_frame = (flow.float() - target.float()).pow(2).flatten(2).mean(dim=2)
         if self.weight_critic_loss:
             weights = self._timestep_weights(t)
