@@ -11,7 +11,7 @@ from memflow import StreamConfig, build_dit
 from memflow.attention import block_causal_mask, sliding_block_mask
 from memflow.context import StreamingContext
 from pipeline.streaming import StreamingGenerator
-from trainer.forcing import forced_flow
+from trainer.forcing import forced_flow, streamed_flow
 
 CHUNK, H, W = 3, 4, 6  # latent frames per chunk, latent height/width (2x3 tokens per frame)
 TOKENS = (H // 2) * (W // 2)
@@ -158,6 +158,28 @@ def test_teacher_forcing_equals_denoising_each_chunk_over_its_true_past(dit):
                 torch.testing.assert_close(forced[:, sl], out, atol=2e-5, rtol=1e-5)
     assert not torch.allclose(forced, forced_flow(dit, _latents(12, seed=9), noisy, t, prompt, chunk_frames=CHUNK))
 
+
+
+def test_teacher_forcing_under_a_memory_policy_sees_what_the_streaming_generator_holds(dit):
+    """With every chunk in view it is the two-pass teacher forcing; under a window the last chunk no longer sees the
+    first; the model's parameters get the gradient."""
+    prompt = _prompt(0, rows=dit.config.text_len)  # no padded rows: the streamer masks them, forced_flow does not
+    x, noisy = _latents(12), _latents(12, seed=5)
+    t = torch.tensor([[900.0] * 3 + [100.0] * 3 + [500.0] * 3 + [700.0] * 3])
+    with torch.no_grad():
+        full = streamed_flow(StreamingGenerator(dit, StreamConfig(memory="full")), x, noisy, t, prompt)
+        torch.testing.assert_close(full, forced_flow(dit, x, noisy, t, prompt, chunk_frames=CHUNK), atol=2e-5,
+                                   rtol=1e-5)  # fmt: skip
+        window = StreamingGenerator(dit, StreamConfig(memory="none", local_attn_size=6, sink_size=0))
+        moved = x.clone()
+        moved[:, :CHUNK] = _latents(CHUNK, seed=9)
+        before, after = (streamed_flow(window, past, noisy, t, prompt) for past in (x, moved))
+    assert torch.equal(before[:, :CHUNK], after[:, :CHUNK]) and torch.equal(before[:, 9:], after[:, 9:])
+    assert not torch.allclose(before[:, 3:9], after[:, 3:9])
+    dit.zero_grad()
+    streamed_flow(window, x, noisy, t, prompt).square().mean().backward()
+    assert dit.blocks[0].self_attn.q.weight.grad.abs().sum() > 0 and dit.text_embedding[0].weight.grad is not None
+    dit.zero_grad()
 
 @torch.no_grad()
 def test_one_euler_step_equals_the_one_step_sampler(dit):

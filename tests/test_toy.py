@@ -23,7 +23,7 @@ from memflow.vae import WanVAE
 from memflow.weights import load_dit
 from pipeline.inference import VideoRunner, build_components, plan_run
 from pipeline.inference import random_vae as make_random_vae
-from trainer.forcing import ForcingTrainer
+from trainer.forcing import ForcingSettings, ForcingTrainer
 from trainer.teacher_train import (
     WEIGHTS_FILE,
     TeacherSettings,
@@ -377,7 +377,8 @@ def test_teacher_snapshots_equal_shorter_runs(tmp_path: Path) -> None:
                                         ("teacher", "settings.subject_weight=-1"),
                                         ("teacher", "settings.chunk_noise=2"), ("teacher", "snapshot_every=-1"),
                                         ("forcing", "settings.chunk_noise=0.5"),
-                                        ("forcing", "return_gap=20")])  # fmt: skip
+                                        ("forcing", "return_gap=20"),
+                                        ("forcing", "settings.stream={memory: bogus}")])  # fmt: skip
 def test_teacher_and_forcing_reject_bad_settings_and_write_nothing(tmp_path: Path, stage: str, bad: str) -> None:
     proc = run_script("scripts/train_toy.py", stage, bad, f"output={tmp_path / 'out'}",
                       f"cache_path={tmp_path / 'cache.safetensors'}", f"metrics={tmp_path / 'metrics.jsonl'}")
@@ -386,13 +387,15 @@ def test_teacher_and_forcing_reject_bad_settings_and_write_nothing(tmp_path: Pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_forcing_trainer_steps_and_saves_a_generator(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stream", [None, {"memory": "nam", "local_attn_size": 3, "sink_size": 0, "bank_size": 1,
+                                    "record_interval": 1}])  # fmt: skip
+def test_forcing_trainer_steps_and_saves_a_generator(tmp_path: Path, stream: dict | None) -> None:
     overrides = {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 1, "text_dim": 16, "text_len": 8}
     generator = torch.Generator().manual_seed(0)
     cache = {"latents": torch.randn(4, 6, 16, 8, 8, generator=generator),
              "context": torch.randn(4, 8, 16, generator=generator), "uncond": torch.zeros(1, 8, 16),
              "subjects": (torch.rand(4, 6, 8, 8, generator=generator) < 0.1).to(torch.uint8)}  # fmt: skip
-    settings = TeacherSettings(overrides=overrides, batch_size=2, warmup=1, subject_weight=10.0)
+    settings = ForcingSettings(overrides=overrides, batch_size=2, warmup=1, subject_weight=10.0, stream=stream)
     trainer = ForcingTrainer(settings, cache)
     losses = [trainer.step() for _ in range(3)]
     assert all(np.isfinite(losses)) and len(set(losses)) == 3

@@ -9,18 +9,25 @@ timestep, attends to the clean keys of the chunks before it and to its own noisy
 prediction is exactly what the streaming generator predicts for it with the true chunks 0..c-1 committed
 under ``memory: full`` (tested), and the model can lower its loss at a returning subject only by copying
 the subject's clean sighting.
+
+Under a memory policy (``settings.stream``) a chunk sees instead what the streaming generator holds when it
+makes that chunk - the sink, the bank's frames as NAM chose them, the local window - by running the
+generator's own commit passes over the true chunks (:func:`streamed_flow`): a model trained with its whole
+past in view does not draw from the one frame of a sighting that the bank keeps (docs/memflow_tiny_log.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from memflow.attention import attention, block_causal_mask
+from memflow.config import StreamConfig
 from memflow.dit import WanDiT
 from memflow.errors import ConfigError
 from memflow.scheduler import FlowMatchScheduler
+from pipeline.streaming import StreamingGenerator
 from utils.world import CHUNK_FRAMES
 
 from .teacher_train import TeacherSettings, TeacherTrainer, flow_matching_loss
@@ -77,6 +84,23 @@ def forced_flow(
     return model(xt, t, text_kv=text_kv, attention_context=forcing.force())
 
 
+def streamed_flow(
+    streamer: StreamingGenerator, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
+    """:func:`forced_flow` under ``streamer``'s memory policy: chunk by chunk, the flow of the noisy chunk (one
+    timestep per chunk, ``t`` [B, F]) given the cache the streamer built by committing the true chunks before it.
+    The cache is not differentiated, as in the generator's rollouts."""
+    f, (h, w) = x0.shape[1], x0.shape[3:]
+    streamer.start(context, num_frames=f, latent_height=h, latent_width=w)
+    flows = []
+    for start in range(0, f, streamer.chunk):
+        chunk = slice(start, start + streamer.chunk)
+        flows.append(streamer.chunk_flow(xt[:, chunk], t[:, start]))
+        if start + streamer.chunk < f:
+            streamer.commit_chunk(x0[:, chunk])
+    return torch.cat(flows, dim=1)
+
+
 def forcing_loss(
     model: WanDiT,
     scheduler: FlowMatchScheduler,
@@ -84,21 +108,40 @@ def forcing_loss(
     context: torch.Tensor,
     generator: torch.Generator,
     weight: torch.Tensor | None = None,
+    streamer: StreamingGenerator | None = None,
 ) -> torch.Tensor:
-    """:func:`trainer.teacher_train.flow_matching_loss` of :func:`forced_flow`, every chunk at its own timestep."""
-    return flow_matching_loss(model, scheduler, x0, context, generator, weight, chunk_noise=1.0,
-                              predict=lambda xt, t: forced_flow(model, x0, xt, t, context))  # fmt: skip
+    """:func:`trainer.teacher_train.flow_matching_loss` of :func:`forced_flow` (or, given a ``streamer`` of the
+    model, :func:`streamed_flow`), every chunk at its own timestep."""
+    if streamer is None:
+        predict = lambda xt, t: forced_flow(model, x0, xt, t, context)
+    else:
+        predict = lambda xt, t: streamed_flow(streamer, x0, xt, t, context)
+    return flow_matching_loss(model, scheduler, x0, context, generator, weight, chunk_noise=1.0, predict=predict)
 
 
 @dataclass(frozen=True)
 class ForcingSettings(TeacherSettings):
-    """:class:`TeacherSettings` less ``chunk_noise``: teacher forcing gives every chunk its own timestep."""
+    """:class:`TeacherSettings` less ``chunk_noise`` (teacher forcing gives every chunk its own timestep), plus
+    ``stream``: None, every earlier chunk in view; or :class:`memflow.config.StreamConfig` keys (``memory``,
+    ``local_attn_size``, ``sink_size``, ``bank_size``, ...), each chunk seeing what that streaming generator
+    holds there."""
+
+    stream: dict | None = field(default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.chunk_noise:
             raise ConfigError(f"forcing settings.chunk_noise={self.chunk_noise}: teacher forcing noises every chunk "
                               "to its own timestep already; remove the key")  # fmt: skip
+        if self.stream is not None:
+            self.stream_config()
+
+    def stream_config(self) -> StreamConfig:
+        try:
+            return StreamConfig(**self.stream)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"forcing settings.stream: {err}; give StreamConfig keys, e.g. "
+                              "{memory: nam, local_attn_size: 12, sink_size: 3, bank_size: 3}") from None  # fmt: skip
 
 
 class ForcingTrainer(TeacherTrainer):
@@ -108,8 +151,10 @@ class ForcingTrainer(TeacherTrainer):
     Settings = ForcingSettings
 
     def __init__(self, settings: TeacherSettings, cache: dict[str, torch.Tensor]):
-        super().__init__(self.Settings(**vars(settings)), cache)
+        settings = self.Settings(**vars(settings))
+        super().__init__(settings, cache)
         self.model.causal = True
+        self.streamer = None if settings.stream is None else StreamingGenerator(self.model, settings.stream_config())
 
     def loss(self, x0: torch.Tensor, context: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        return forcing_loss(self.model, self.scheduler, x0, context, self.generator, weight)
+        return forcing_loss(self.model, self.scheduler, x0, context, self.generator, weight, self.streamer)
