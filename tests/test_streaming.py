@@ -159,7 +159,6 @@ def test_teacher_forcing_equals_denoising_each_chunk_over_its_true_past(dit):
     assert not torch.allclose(forced, forced_flow(dit, _latents(12, seed=9), noisy, t, prompt, chunk_frames=CHUNK))
 
 
-
 def test_teacher_forcing_under_a_memory_policy_sees_what_the_streaming_generator_holds(dit):
     """With every chunk in view it is the two-pass teacher forcing; under a window the last chunk no longer sees the
     first; the model's parameters get the gradient."""
@@ -180,6 +179,7 @@ def test_teacher_forcing_under_a_memory_policy_sees_what_the_streaming_generator
     streamed_flow(window, x, noisy, t, prompt).square().mean().backward()
     assert dit.blocks[0].self_attn.q.weight.grad.abs().sum() > 0 and dit.text_embedding[0].weight.grad is not None
     dit.zero_grad()
+
 
 @torch.no_grad()
 def test_one_euler_step_equals_the_one_step_sampler(dit):

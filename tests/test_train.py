@@ -128,7 +128,6 @@ def test_stage1_trains_and_resumes_exactly_after_a_kill_mid_save(tmp_path):
     assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_000003.pt", "checkpoint_000004.pt"]
 
 
-
 def test_stage1_trains_with_scores_that_see_the_generated_past(tmp_path):
     """``score_context: forced`` (each chunk scored after its clean generated past) runs the whole stage."""
     rows = train("init", tmp_path / "forced", "score_context=forced", "max_iters=2", "vis_interval=0")
@@ -137,6 +136,7 @@ def test_stage1_trains_with_scores_that_see_the_generated_past(tmp_path):
     trained = load_dit(tmp_path / "forced" / "base.pt", "tiny", text_dim=384, text_len=64)
     key = "blocks.1.ffn.0.weight"
     assert not torch.equal(trained.state_dict()[key], _random_tiny().state_dict()[key])
+
 
 def _stage2(logdir: Path, *overrides: str) -> DistillTrainer:
     cfg = load_config(TINY / "train_long.yaml", ["vis_interval=0", *overrides])

@@ -18,7 +18,7 @@ past in view does not draw from the one frame of a sighting that the bank keeps 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -126,7 +126,7 @@ class ForcingSettings(TeacherSettings):
     ``local_attn_size``, ``sink_size``, ``bank_size``, ...), each chunk seeing what that streaming generator
     holds there."""
 
-    stream: dict | None = field(default=None)
+    stream: dict | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
