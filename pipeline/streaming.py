@@ -175,12 +175,12 @@ class StreamingGenerator:
                 x = x + (next_t - t) / n * flow
         return x
 
-    def chunk_flow(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def chunk_flow(self, x: torch.Tensor, t: torch.Tensor, text_kv: TextKV | None = None) -> torch.Tensor:
         """One model call on the next chunk ``x`` [B, chunk, C, H, W] at timesteps ``t`` [B]: its flow given what
-        the cache holds, under autograd when enabled (the text keys then recomputed so the text path trains).
-        Teacher forcing under a memory policy (``trainer.forcing.streamed_flow``) trains with it."""
+        the cache holds, under autograd when enabled. ``text_kv`` (default: the cached prompt's) may be computed
+        under autograd, once per video, so the text path trains. Teacher forcing under a memory policy
+        (``trainer.forcing.streamed_flow``) trains with it."""
         self.context.update_bank()
-        text_kv = self.dit.text_kv(self.prompt) if torch.is_grad_enabled() else None
         return self._forward(x, self.frame, t[:, None], "denoise", text_kv)
 
     def commit_chunk(self, x0: torch.Tensor, *, generator: torch.Generator | None = None) -> None:

@@ -92,10 +92,11 @@ def streamed_flow(
     The cache is not differentiated, as in the generator's rollouts."""
     f, (h, w) = x0.shape[1], x0.shape[3:]
     streamer.start(context, num_frames=f, latent_height=h, latent_width=w)
+    text_kv = streamer.dit.text_kv(context) if torch.is_grad_enabled() else None
     flows = []
     for start in range(0, f, streamer.chunk):
         chunk = slice(start, start + streamer.chunk)
-        flows.append(streamer.chunk_flow(xt[:, chunk], t[:, start]))
+        flows.append(streamer.chunk_flow(xt[:, chunk], t[:, start], text_kv))
         if start + streamer.chunk < f:
             streamer.commit_chunk(x0[:, chunk])
     return torch.cat(flows, dim=1)
