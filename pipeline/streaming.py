@@ -5,7 +5,9 @@ A video is produced chunk by chunk (``num_frame_per_block`` latent frames each):
 * ``denoise_chunk``: from noise, run the few-step sampler; every step reads the cache (sink,
   bank, window) and none writes it;
 * ``commit_chunk``: run the model once more on the finished chunk at ``context_noise`` to write
-  its keys/values into the cache (and record its prototype for the memory bank);
+  its keys/values into the cache (and record its prototype for the memory bank); a chunk
+  committed without being sampled (a given past, as teacher forcing has it) is a chunk all the same;
+* the bank takes in the pending prototype once per chunk, at the first call that reaches it;
 * ``switch_prompt``: new text conditioning, then the KV re-cache of the most recent frames.
 """
 
@@ -86,6 +88,7 @@ class StreamingGenerator:
         self._context_t = torch.tensor(self.config.context_noise, dtype=torch.float32, device=param.device)
         self.num_frames = num_frames
         self.frame = 0
+        self._bank_frame = -1
         self._recent: list[torch.Tensor] = []
         self.set_prompt(prompt)
 
@@ -136,7 +139,7 @@ class StreamingGenerator:
         if self.frame >= self.num_frames:
             raise ValueError(f"all {self.num_frames} frames of this video are already generated")
         last = len(self.timesteps) - 1 if exit_step is None else exit_step
-        self.context.update_bank()
+        self._enter_chunk()
         x = noise
         for step in range(last + 1):
             t = self.timesteps[step]
@@ -164,7 +167,7 @@ class StreamingGenerator:
             raise ValueError(f"a chunk has {self.chunk} latent frames, got {noise.shape[1]}")
         n = self.scheduler.num_train_timesteps
         timesteps = self.scheduler.warp(torch.linspace(n, 0, steps + 1).tolist()).to(noise.device)
-        self.context.update_bank()
+        self._enter_chunk()
         x = noise
         with torch.no_grad():
             for step in range(steps):
@@ -180,11 +183,12 @@ class StreamingGenerator:
         the cache holds, under autograd when enabled. ``text_kv`` (default: the cached prompt's) may be computed
         under autograd, once per video, so the text path trains. Teacher forcing under a memory policy
         (``trainer.forcing.streamed_flow``) trains with it."""
-        self.context.update_bank()
+        self._enter_chunk()
         return self._forward(x, self.frame, t[:, None], "denoise", text_kv)
 
     def commit_chunk(self, x0: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
         """Write the finished chunk into the cache with one clean pass at ``context_noise``."""
+        self._enter_chunk()
         t = self._context_t
         x = x0.detach()
         if self.config.context_noise > 0:
@@ -250,6 +254,7 @@ class StreamingGenerator:
         device = self.context.k.device
         self._recent = [x.to(device) for x in state["recent"]]
         self.frame = int(state["frame"])
+        self._bank_frame = -1
 
     # -- what memory did ---------------------------------------------------------------------------------
     def memory_trace(self, sample: int = 0) -> dict:
@@ -286,6 +291,13 @@ class StreamingGenerator:
                 "num_heads": cfg.num_heads, "chunks": chunks}
 
     # -- internals ---------------------------------------------------------------------------------------
+    def _enter_chunk(self) -> None:
+        """Let the pending prototype into the bank before the chunk at ``self.frame``, once: every call on a
+        chunk (sampling steps, an early exit sampled again, the commit of a given chunk) sees the same bank."""
+        if self._bank_frame != self.frame:
+            self.context.update_bank()
+            self._bank_frame = self.frame
+
     @staticmethod
     def _t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """A scalar device timestep broadcast to [B, frames]."""

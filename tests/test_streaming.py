@@ -246,6 +246,28 @@ def test_bank_holds_at_most_bank_size_prototypes(dit, reference, policy):
                 assert len(layer) == len(set(layer))
 
 
+
+@torch.no_grad()
+@pytest.mark.parametrize("reference", [True, False])
+def test_a_given_past_fills_the_bank_as_a_sampled_one(dit, reference):
+    """Committing chunks that were never sampled (a forced past) lets their prototypes in as sampling does, and
+    sampling a chunk twice (an early exit redone) lets its prototype in once."""
+    config = StreamConfig(memory="nam", local_attn_size=6, bank_size=2, record_interval=2, bank_record="first",
+                          reference=reference)
+    x, prompt, noise = _latents(24), _prompt(0), _latents(3, seed=2)
+    sampled, given = StreamingGenerator(dit, config), StreamingGenerator(dit, config)
+    for gen in (sampled, given):
+        gen.start(prompt, num_frames=24, latent_height=H, latent_width=W)
+    for start in range(0, 21, CHUNK):
+        sampled.denoise_chunk(noise, generator=torch.Generator().manual_seed(0))
+        sampled.denoise_chunk(noise, generator=torch.Generator().manual_seed(0))
+        for gen in (sampled, given):
+            gen.commit_chunk(x[:, start:start + CHUNK])
+    last = [gen.denoise_chunk(noise, generator=torch.Generator().manual_seed(0)) for gen in (sampled, given)]
+    torch.testing.assert_close(sampled.context.bank.frames, given.context.bank.frames, atol=0, rtol=0)
+    assert (given.context.bank.frames >= 0).all(), "a bank slot was never filled"
+    torch.testing.assert_close(last[0], last[1], atol=0, rtol=0)
+
 @torch.no_grad()
 def test_prototype_is_the_first_frame_of_the_committed_chunk(dit):
     config = StreamConfig(memory="nam", local_attn_size=6, bank_size=2, record_interval=1, bank_record="latest")
