@@ -5,7 +5,7 @@ its memory.
 usage: python scripts/probe_teacher.py [--clips 48] [--frames 21] [--gap 9] [--split validation|test] [--json]
                                        [--reliance_only] [--threads 1]
                                        [--steps 16] [--guidance 3.0] [--negative_prompt ""]
-                                       [--forced_past [--sampler few_step|ode] [--memory full]
+                                       [--forced_past | --own_past [--sampler few_step|ode] [--memory full]
                                         [--prompts joined|switched] [--reference N]]
                                        [--config_path configs/toy/interactive_inference.yaml] [key=value ...]
 
@@ -37,7 +37,8 @@ subject's look from it.
 
 ``--forced_past`` asks a causal generator (``generator_ckpt``, e.g. one from ``train_toy.py forcing``) instead:
 its return sampled after the TRUE past, with the sighting as it was, removed or recoloured
-(:func:`forced_past`).
+(:func:`forced_past`). ``--own_past`` asks it from its own past: each story generated whole under ``none`` and
+under ``--memory``, does the return repeat the colour the generator gave the sighting (:func:`own_past`)?
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import dataclasses
 import json
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +253,22 @@ def return_features(latents: torch.Tensor, coverage: torch.Tensor) -> torch.Tens
     return (latents.float() * weight).sum((1, 3, 4)) / weight.sum((1, 3, 4)).clamp_min(1e-6)
 
 
+def encode_stories(vae: WanVAE, stories: list[Narrative]) -> tuple[torch.Tensor, ...]:
+    """(pixels, latents, subject coverage [B, F, h, w], the returning subject's colour index) of each story."""
+    video = torch.from_numpy(np.stack([to_model_pixels(s.frames) for s in stories]))
+    latents = in_batches(vae.encode, video)
+    coverage = subject_coverage(video, (latents.shape[1], *latents.shape[3:]))
+    labels = torch.tensor([list(COLOURS).index(s.subjects[returning_subject(s)[1]].colour) for s in stories])
+    return video, latents, coverage, labels
+
+
+def only_frames(coverage: torch.Tensor, frames: Iterable[int]) -> torch.Tensor:
+    """``coverage`` [B, F, h, w] with every latent frame but ``frames`` zeroed."""
+    keep = torch.zeros(coverage.shape[1], dtype=torch.bool)
+    keep[list(frames)] = True
+    return coverage * keep[None, :, None, None]
+
+
 def story_prompts(text: TextEncoder, stories: list[Narrative], prompting: str) -> list[tuple[int, torch.Tensor]]:
     """(start frame, prompt embeddings [B, T, D]) for a batch of stories that share their segment starts: one
     joined prompt from frame 0, or each segment's own switched in at its start."""
@@ -301,18 +318,10 @@ def forced_past(gen: StreamingGenerator, text: TextEncoder, vae: WanVAE, stories
         raise ValueError(f"the stories return at different frames {sorted(backs)}; give them one length and gap")
     back = backs.pop()
     colour_names = list(COLOURS)
-
-    def encode(stories: list[Narrative]) -> tuple[torch.Tensor, ...]:
-        video = torch.from_numpy(np.stack([to_model_pixels(s.frames) for s in stories]))
-        latents = in_batches(vae.encode, video)
-        coverage = subject_coverage(video, (latents.shape[1], *latents.shape[3:]))
-        coverage[:, :back] = 0
-        labels = torch.tensor([colour_names.index(s.subjects[returning_subject(s)[1]].colour) for s in stories])
-        return video, latents, coverage, labels
-
-    _, ref_latents, ref_coverage, ref_labels = encode(reference)
-    ref_features = return_features(ref_latents, ref_coverage)
-    video, latents, coverage, labels = encode(stories)
+    _, ref_latents, ref_coverage, ref_labels = encode_stories(vae, reference)
+    ref_features = return_features(ref_latents, only_frames(ref_coverage, range(back, ref_coverage.shape[1])))
+    video, latents, coverage, labels = encode_stories(vae, stories)
+    coverage = only_frames(coverage, range(back, coverage.shape[1]))
 
     first = coverage.clone()
     first[:, back + gen.chunk :] = 0
@@ -357,10 +366,53 @@ def forced_past(gen: StreamingGenerator, text: TextEncoder, vae: WanVAE, stories
             "true_vs_removed": paired_difference(scores["true"], scores["removed"], "identity_above_chance")}
 
 
+@torch.no_grad()
+def own_past(gens: dict[str, StreamingGenerator], text: TextEncoder, vae: WanVAE, stories: list[Narrative],
+             reference: list[Narrative], prompting: str, ode_steps: int | None, seed: int) -> dict:  # fmt: skip
+    """Does the return take the look the generator itself gave the sighting? Nothing in a return story's text fixes
+    the subject's colour, so from its own past only memory can make the return repeat it. Each story is generated
+    whole with the same noise under every memory in ``gens`` (``none`` first), and the colour probe of
+    :func:`forced_past` reads the generated sighting and the generated return on the true clip's subject cells.
+    ``follows``: the share of stories whose return reads as their own sighting; ``follows_chance``: as the
+    previous story's sighting (a generator that draws every subject alike follows by chance). The paired
+    difference of ``follows`` to ``none`` is what the memory adds."""
+    sightings = {tuple(sighting_frames(s)) for s in stories + reference}
+    backs = {s.segments[returning_subject(s)[0]].start for s in stories + reference}
+    if len(sightings) != 1 or len(backs) != 1:
+        raise ValueError("the stories are seen and return at different frames; give them one length and gap")
+    sighting, back = sightings.pop(), backs.pop()
+    _, ref_latents, ref_coverage, ref_labels = encode_stories(vae, reference)
+    _, latents, coverage, labels = encode_stories(vae, stories)
+    parts = {"sighting": sighting, "return": range(back, latents.shape[1])}
+
+    def colours(x: torch.Tensor, part: str) -> torch.Tensor:
+        ref = return_features(ref_latents, only_frames(ref_coverage, parts[part]))
+        return nearest_colours(ref, ref_labels, return_features(x, only_frames(coverage, parts[part])))
+
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    rows, follows = {}, {}
+    for memory, gen in gens.items():
+        sampled = torch.cat([sample_return(gen, latents[i : i + BATCH], story_prompts(text, stories[i : i + BATCH],
+                                                                                        prompting),
+                                           0, noise[i : i + BATCH], ode_steps)[0]
+                             for i in range(0, len(stories), BATCH)])  # fmt: skip
+        seen, back_colour = colours(sampled, "sighting"), colours(sampled, "return")
+        follows[memory] = [{"follows": float(a == b)} for a, b in zip(seen, back_colour, strict=True)]
+        rows[memory] = {"sighting_true_colour": float((seen == labels).float().mean()),
+                        "return_true_colour": float((back_colour == labels).float().mean()),
+                        "follows": float((seen == back_colour).float().mean()),
+                        "follows_chance": float((seen.roll(1) == back_colour).float().mean())}  # fmt: skip
+    truth = {part: float((colours(latents, part) == labels).float().mean()) for part in parts}
+    versus = {m: paired_difference(follows[m], follows["none"], "follows") for m in gens if m != "none"}
+    return {"sighting": list(sighting), "back": back, "true_clip_colour": truth, "rows": rows,
+            "follows_vs_none": versus}  # fmt: skip
+
+
 def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int, split: str, sampler: dict,
           reliance_only: bool = False, forced: dict | None = None) -> dict:  # fmt: skip
-    """The teacher's rows and ``sighting_reliance``, or with ``forced`` (memory, prompts, sampler, reference) the
-    generator's :func:`forced_past` rows."""
+    """The teacher's rows and ``sighting_reliance``, or with ``forced`` (memory, prompts, sampler, reference, and
+    ``own``) the generator's :func:`forced_past` rows, or with ``own`` true its :func:`own_past` rows against
+    memory ``none``."""
     reference = forced["reference"] if forced else 0
     try:
         stories = [return_story_from_seed(seed, frames, gap) for seed in split_seeds(split, clips + reference)]
@@ -374,8 +426,16 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
     common = {"clips": clips, "split": split, "latent_frames": frames, "gap": gap, "config": str(cfg_path),
               "overrides": overrides}  # fmt: skip
     if forced:
-        gen = StreamingGenerator(load_generator(plan), dataclasses.replace(plan.stream, memory=forced["memory"]))
         ode_steps = sampler["steps"] if forced["sampler"] == "ode" else None
+        if forced["own"]:
+            dit = load_generator(plan)
+            gens = {m: StreamingGenerator(dit, dataclasses.replace(plan.stream, memory=m))
+                    for m in ("none", forced["memory"])}  # fmt: skip
+            result = own_past(gens, text, vae, stories[:clips], stories[clips:], forced["prompts"], ode_steps,
+                              int(cfg.seed))  # fmt: skip
+            steps = list(plan.stream.denoising_step_list) if ode_steps is None else ode_steps
+            return {**common, "own_past": {**forced, "steps": steps, **result}}
+        gen = StreamingGenerator(load_generator(plan), dataclasses.replace(plan.stream, memory=forced["memory"]))
         result = forced_past(gen, text, vae, stories[:clips], stories[clips:], forced["prompts"], ode_steps,
                              int(cfg.seed))  # fmt: skip
         steps = list(plan.stream.denoising_step_list) if ode_steps is None else ode_steps
@@ -412,7 +472,11 @@ def main(argv: list[str]) -> int:
                         help="only sighting_reliance (seconds), not the sampled rows (minutes)")
     parser.add_argument("--forced_past", action="store_true",
                         help="probe the causal generator (generator_ckpt) instead: its return given the true past")
-    parser.add_argument("--memory", choices=MEMORY_MODES, default="full", help="--forced_past: the memory mode")
+    parser.add_argument("--own_past", action="store_true",
+                        help="probe the causal generator from its own past: does its return repeat its own sighting "
+                             "with --memory more often than with none")
+    parser.add_argument("--memory", choices=MEMORY_MODES, default="full",
+                        help="--forced_past, --own_past: the memory mode")
     parser.add_argument("--prompts", choices=("joined", "switched"), default="joined",
                         help="--forced_past: one joined prompt, or each segment's own switched in")
     parser.add_argument("--sampler", choices=("few_step", "ode"), default="few_step",
@@ -428,15 +492,22 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--reliance_only --gap {args.gap}: sighting_reliance needs a gap (its empty opening chunk "
                           "stands in for the sighting); give --gap 9")  # fmt: skip
     forced = None
-    if args.forced_past:
+    if args.forced_past and args.own_past:
+        raise ConfigError("--forced_past and --own_past: give one (the true past, or the generator's own)")
+    if args.own_past and args.memory == "none":
+        raise ConfigError("--own_past --memory none: it compares a memory with none; give --memory nam")
+    if args.forced_past or args.own_past:
+        flag = "--forced_past" if args.forced_past else "--own_past"
         if args.gap < 1 or args.reliance_only:
-            raise ConfigError(f"--forced_past with --gap {args.gap}{' --reliance_only' * args.reliance_only}: "
-                              "it needs a gap (its removed past) and samples; give --gap 9 without --reliance_only")
+            raise ConfigError(f"{flag} with --gap {args.gap}{' --reliance_only' * args.reliance_only}: "
+                              "it needs a gap (a sighting the local window has lost) and samples; give --gap 9 "
+                              "without --reliance_only")  # fmt: skip
         reference = 2 * args.clips if args.reference is None else args.reference
         if reference < 3 * len(COLOURS):
             raise ConfigError(f"--reference {reference}: the colour probe needs at least {3 * len(COLOURS)} "
                               "reference clips")  # fmt: skip
-        forced = {"memory": args.memory, "prompts": args.prompts, "sampler": args.sampler, "reference": reference}
+        forced = {"memory": args.memory, "prompts": args.prompts, "sampler": args.sampler, "reference": reference,
+                  "own": args.own_past}  # fmt: skip
     config_path, _, overrides = parse_cli(rest, str(DEFAULT_CONFIG), prog="probe_teacher.py")
     torch.set_num_threads(args.threads)
     sampler = {"steps": args.steps, "guidance": args.guidance, "negative_prompt": args.negative_prompt,
@@ -448,7 +519,10 @@ def main(argv: list[str]) -> int:
         return 0
     print(f"{args.clips} {args.split} return clips of {args.frames} latent frames, gap {args.gap}\n")
     if forced:
-        print_forced_past(result["forced_past"])
+        if forced["own"]:
+            print_own_past(result["own_past"])
+        else:
+            print_forced_past(result["forced_past"])
         return 0
     if result["rows"] is not None:
         print("| row | identity consistency | subject drawn at sighting | at return |\n|---|---|---|---|")
@@ -477,6 +551,20 @@ def print_forced_past(result: dict) -> None:
     c = result["true_vs_removed"]
     print(f"\nabove chance, true - removed: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']:.0f}:{c['losses']:.0f}); "
           f"colour probe answering the commonest colour: {result['colour_commonest']:.2f}")
+
+
+def print_own_past(result: dict) -> None:
+    print(f"whole stories from noise; sighting latent frames {result['sighting'][0]}-{result['sighting'][-1]}, return "
+          f"from {result['back']}; {result['prompts']} prompts, sampler {result['sampler']} {result['steps']}\n")
+    print("| memory | sighting: true colour | return: true colour | return follows its sighting | by chance |\n"
+          "|---|---|---|---|---|")
+    for name, row in result["rows"].items():
+        print(f"| {name} | {row['sighting_true_colour']:.2f} | {row['return_true_colour']:.2f} | {row['follows']:.2f} "
+              f"| {row['follows_chance']:.2f} |")  # fmt: skip
+    for name, c in result["follows_vs_none"].items():
+        print(f"\nfollows, {name} - none: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']:.0f}:{c['losses']:.0f}); the "
+              f"true clips read {result['true_clip_colour']['sighting']:.2f} (sighting) and "
+              f"{result['true_clip_colour']['return']:.2f} (return)")
 
 
 if __name__ == "__main__":

@@ -641,11 +641,28 @@ def test_forced_past_probe_prints_json_rows() -> None:
     assert result["true_vs_removed"]["pairs"] == 2
 
 
+def test_own_past_probe_compares_the_memory_with_none() -> None:
+    proc = run_script("scripts/probe_teacher.py", "--own_past", "--memory", "nam", "--clips", "2", "--reference",
+                      "24", "--frames", "24", "--sampler", "ode", "--steps", "2", "--json",
+                      *RANDOM_WEIGHTS)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)["own_past"]
+    assert list(result["rows"]) == ["none", "nam"] and result["sighting"] == list(range(3, 12))
+    assert result["back"] == 21 and result["steps"] == 2
+    for row in result["rows"].values():
+        assert all(0.0 <= value <= 1.0 for value in row.values())
+    versus = result["follows_vs_none"]["nam"]
+    assert versus["pairs"] == 2
+    assert versus["mean"] == pytest.approx(result["rows"]["nam"]["follows"] - result["rows"]["none"]["follows"])
+
+
 @pytest.mark.parametrize("args, field", [(["--clips", "1"], "--clips"), (["--frames", "12", "--gap", "9"], "--gap"),
                                          (["--steps", "0"], "--steps"),
                                          (["--reliance_only", "--gap", "0"], "--reliance_only"),
                                          (["--forced_past", "--gap", "0"], "--forced_past"),
-                                         (["--forced_past", "--reference", "8"], "--reference")])  # fmt: skip
+                                         (["--forced_past", "--reference", "8"], "--reference"),
+                                         (["--own_past", "--memory", "none"], "--own_past"),
+                                         (["--own_past", "--forced_past"], "--own_past")])  # fmt: skip
 def test_teacher_probe_rejects_bad_arguments_in_one_line(args: list[str], field: str) -> None:
     proc = run_script("scripts/probe_teacher.py", *args, *RANDOM_WEIGHTS)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and field in proc.stderr
