@@ -5,9 +5,9 @@ A video is produced chunk by chunk (``num_frame_per_block`` latent frames each):
 * ``denoise_chunk``: from noise, run the few-step sampler; every step reads the cache (sink,
   bank, window) and none writes it;
 * ``commit_chunk``: run the model once more on the finished chunk at ``context_noise`` to write
-  its keys/values into the cache (and record its prototype for the memory bank); a chunk
-  committed without being sampled (a given past, as teacher forcing has it) is a chunk all the same;
-* the bank takes in the pending prototype once per chunk, at the first call that reaches it;
+  its keys/values into the cache (and record its prototype for the memory bank); the chunk may
+  also be given instead of sampled (a true past, as teacher forcing and the probes have it);
+* before a chunk's first call of either kind, the bank takes in the pending prototype, once;
 * ``switch_prompt``: new text conditioning, then the KV re-cache of the most recent frames.
 """
 
