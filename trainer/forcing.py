@@ -13,7 +13,8 @@ the subject's clean sighting.
 Under a memory policy (``settings.stream``) a chunk sees instead what the streaming generator holds when it
 makes that chunk - the sink, the bank's frames as NAM chose them, the local window - by running the
 generator's own commit passes over the true chunks (:func:`streamed_flow`): a model trained with its whole
-past in view does not draw from the one frame of a sighting that the bank keeps (docs/memflow_tiny_log.md).
+past in view draws little from the one frame of a sighting that the bank keeps, and one tuned under the
+policy draws from it nearly as much as from the whole sighting (docs/memflow_tiny_log.md, session 19).
 """
 
 from __future__ import annotations
