@@ -384,10 +384,10 @@ def own_past(gens: dict[str, StreamingGenerator], text: TextEncoder, vae: WanVAE
     _, ref_latents, ref_coverage, ref_labels = encode_stories(vae, reference)
     _, latents, coverage, labels = encode_stories(vae, stories)
     parts = {"sighting": sighting, "return": range(back, latents.shape[1])}
+    refs = {part: return_features(ref_latents, only_frames(ref_coverage, frames)) for part, frames in parts.items()}
 
     def colours(x: torch.Tensor, part: str) -> torch.Tensor:
-        ref = return_features(ref_latents, only_frames(ref_coverage, parts[part]))
-        return nearest_colours(ref, ref_labels, return_features(x, only_frames(coverage, parts[part])))
+        return nearest_colours(refs[part], ref_labels, return_features(x, only_frames(coverage, parts[part])))
 
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     rows, follows = {}, {}
@@ -427,18 +427,17 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
               "overrides": overrides}  # fmt: skip
     if forced:
         ode_steps = sampler["steps"] if forced["sampler"] == "ode" else None
+        steps = list(plan.stream.denoising_step_list) if ode_steps is None else ode_steps
+        dit = load_generator(plan)
         if forced["own"]:
-            dit = load_generator(plan)
             gens = {m: StreamingGenerator(dit, dataclasses.replace(plan.stream, memory=m))
                     for m in ("none", forced["memory"])}  # fmt: skip
             result = own_past(gens, text, vae, stories[:clips], stories[clips:], forced["prompts"], ode_steps,
                               int(cfg.seed))  # fmt: skip
-            steps = list(plan.stream.denoising_step_list) if ode_steps is None else ode_steps
             return {**common, "own_past": {**forced, "steps": steps, **result}}
-        gen = StreamingGenerator(load_generator(plan), dataclasses.replace(plan.stream, memory=forced["memory"]))
+        gen = StreamingGenerator(dit, dataclasses.replace(plan.stream, memory=forced["memory"]))
         result = forced_past(gen, text, vae, stories[:clips], stories[clips:], forced["prompts"], ode_steps,
                              int(cfg.seed))  # fmt: skip
-        steps = list(plan.stream.denoising_step_list) if ode_steps is None else ode_steps
         return {**common, "forced_past": {**forced, "steps": steps, **result}}
     teacher = load_teacher(cfg).eval().requires_grad_(False)
     rows = copied = None
@@ -478,11 +477,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--memory", choices=MEMORY_MODES, default="full",
                         help="--forced_past, --own_past: the memory mode")
     parser.add_argument("--prompts", choices=("joined", "switched"), default="joined",
-                        help="--forced_past: one joined prompt, or each segment's own switched in")
+                        help="--forced_past, --own_past: one joined prompt, or each segment's own switched in")
     parser.add_argument("--sampler", choices=("few_step", "ode"), default="few_step",
-                        help="--forced_past: the generator's denoising_step_list, or --steps Euler steps")
+                        help="--forced_past, --own_past: the generator's denoising_step_list, or --steps Euler steps")
     parser.add_argument("--reference", type=int, default=None,
-                        help="--forced_past: return clips the colour probe is referenced on (default 2 x --clips)")
+                        help="--forced_past, --own_past: return clips the colour probe is referenced on "
+                             "(default 2 x --clips)")
     args, rest = parser.parse_known_args(argv)
     if args.clips < 2:
         raise ConfigError(f"--clips {args.clips}: give at least 2 (the chance row splices one clip into another)")
