@@ -246,7 +246,6 @@ def test_bank_holds_at_most_bank_size_prototypes(dit, reference, policy):
                 assert len(layer) == len(set(layer))
 
 
-
 @torch.no_grad()
 @pytest.mark.parametrize("reference", [True, False])
 def test_a_given_past_fills_the_bank_as_a_sampled_one(dit, reference):
@@ -267,6 +266,7 @@ def test_a_given_past_fills_the_bank_as_a_sampled_one(dit, reference):
     torch.testing.assert_close(sampled.context.bank.frames, given.context.bank.frames, atol=0, rtol=0)
     assert (given.context.bank.frames >= 0).all(), "a bank slot was never filled"
     torch.testing.assert_close(last[0], last[1], atol=0, rtol=0)
+
 
 @torch.no_grad()
 def test_prototype_is_the_first_frame_of_the_committed_chunk(dit):
