@@ -525,12 +525,10 @@ def main(argv: list[str]) -> int:
             print_forced_past(result["forced_past"])
         return 0
     if result["rows"] is not None:
-        print("| row | identity consistency | subject drawn at sighting | at return |\n|---|---|---|---|")
-        for name, row in result["rows"].items():
-            print(f"| {name} | {row['identity_consistency']:.3f} | {row['sighting_presence']:.2f} "
-                  f"| {row['return_presence']:.2f} |")  # fmt: skip
-        c = result["teacher_vs_spliced"]
-        print(f"\nteacher - spliced: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']:.0f}:{c['losses']:.0f})")
+        print_table(["row", "identity consistency", "subject drawn at sighting", "at return"],
+                    [[name, f"{row['identity_consistency']:.3f}", f"{row['sighting_presence']:.2f}",
+                      f"{row['return_presence']:.2f}"] for name, row in result["rows"].items()])  # fmt: skip
+        print(f"\nteacher - spliced: {paired(result['teacher_vs_spliced'])}")
     if result["sighting_reliance"] is not None:
         print("sighting reliance (error without the sighting, or recoloured, / with it) at return noise "
               + " ".join(f"{s:g}" for s in RELIANCE_SIGMAS))  # fmt: skip
@@ -542,29 +540,39 @@ def main(argv: list[str]) -> int:
 def print_forced_past(result: dict) -> None:
     print(f"the return (from latent frame {result['back']}) sampled after the true past; memory {result['memory']}, "
           f"{result['prompts']} prompts, sampler {result['sampler']} {result['steps']}\n")
-    print("| past | identity | by chance | above chance | colour probe | colour probe by sampler step |\n"
-          "|---|---|---|---|---|---|")
-    for name, row in result["rows"].items():
-        steps = " ".join(f"{v:.2f}" for v in row.get("colour_by_step", [])) or "-"
-        print(f"| {name} | {row['identity_consistency']:.3f} | {row['identity_chance']:.3f} "
-              f"| {row['identity_above_chance']:+.3f} | {row['colour']:.2f} | {steps} |")  # fmt: skip
-    c = result["true_vs_removed"]
-    print(f"\nabove chance, true - removed: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']:.0f}:{c['losses']:.0f}); "
+    print_table(["past", "identity", "by chance", "above chance", "colour probe", "colour probe by sampler step"],
+                [[name, f"{row['identity_consistency']:.3f}", f"{row['identity_chance']:.3f}",
+                  f"{row['identity_above_chance']:+.3f}", f"{row['colour']:.2f}",
+                  " ".join(f"{v:.2f}" for v in row.get("colour_by_step", [])) or "-"]
+                 for name, row in result["rows"].items()])  # fmt: skip
+    print(f"\nabove chance, true - removed: {paired(result['true_vs_removed'])}; "
           f"colour probe answering the commonest colour: {result['colour_commonest']:.2f}")
 
 
 def print_own_past(result: dict) -> None:
     print(f"whole stories from noise; sighting latent frames {result['sighting'][0]}-{result['sighting'][-1]}, return "
           f"from {result['back']}; {result['prompts']} prompts, sampler {result['sampler']} {result['steps']}\n")
-    print("| memory | sighting: true colour | return: true colour | return follows its sighting | by chance |\n"
-          "|---|---|---|---|---|")
-    for name, row in result["rows"].items():
-        print(f"| {name} | {row['sighting_true_colour']:.2f} | {row['return_true_colour']:.2f} | {row['follows']:.2f} "
-              f"| {row['follows_chance']:.2f} |")  # fmt: skip
+    print_table(["memory", "sighting: true colour", "return: true colour", "return follows its sighting",
+                 "by chance"],
+                [[name, *(f"{row[key]:.2f}" for key in ("sighting_true_colour", "return_true_colour", "follows",
+                                                          "follows_chance"))]
+                 for name, row in result["rows"].items()])  # fmt: skip
     for name, c in result["follows_vs_none"].items():
-        print(f"\nfollows, {name} - none: {c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']:.0f}:{c['losses']:.0f}); the "
-              f"true clips read {result['true_clip_colour']['sighting']:.2f} (sighting) and "
-              f"{result['true_clip_colour']['return']:.2f} (return)")
+        truth = result["true_clip_colour"]
+        print(f"\nfollows, {name} - none: {paired(c)}; the true clips read {truth['sighting']:.2f} (sighting) and "
+              f"{truth['return']:.2f} (return)")
+
+
+def print_table(columns: list[str], rows: list[list[str]]) -> None:
+    """A markdown table."""
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def paired(c: dict) -> str:
+    """A :func:`utils.oracle.paired_difference` as mean ± SE (wins:losses)."""
+    return f"{c['mean']:+.3f} ± {c['se']:.3f} ({c['wins']:.0f}:{c['losses']:.0f})"
 
 
 if __name__ == "__main__":
