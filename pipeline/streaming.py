@@ -87,6 +87,7 @@ class StreamingGenerator:
         self.timesteps = self.timesteps.to(param.device)
         self._context_t = torch.tensor(self.config.context_noise, dtype=torch.float32, device=param.device)
         self.num_frames = num_frames
+        self.batch = batch
         self.frame = 0
         self._bank_frame = -1
         self._recent: list[torch.Tensor] = []
@@ -158,23 +159,40 @@ class StreamingGenerator:
         raise AssertionError("unreachable")
 
     def integrate_chunk(
-        self, noise: torch.Tensor, steps: int, *, on_step: Callable[[int, torch.Tensor], None] | None = None
+        self,
+        noise: torch.Tensor,
+        steps: int,
+        *,
+        guidance: float = 1.0,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Sample the next chunk by Euler steps of the flow ODE, uniform on the shifted grid: the sampler for a
         generator trained by flow matching (``trainer.forcing``), where the few-step list of ``denoise_chunk``,
-        which re-noises each step's x0 prediction, suits a distilled one. ``on_step(step, x0)`` as there."""
+        which re-noises each step's x0 prediction, suits a distilled one. ``on_step(step, x0)`` as there.
+
+        ``guidance`` g != 1 is classifier-free guidance, as the teacher samples: the video was started with the
+        conditional prompts of its B samples stacked over their unconditional ones (batch 2B, each half with
+        its own cache), ``noise`` is [B, ...], each step follows ``u + g (c - u)``, and the chunk comes back
+        stacked twice, to be committed as it is; its first half is the sample."""
         if noise.shape[1] != self.chunk:
             raise ValueError(f"a chunk has {self.chunk} latent frames, got {noise.shape[1]}")
+        guided = guidance != 1.0
+        if guided and 2 * noise.shape[0] != self.batch:
+            raise ValueError(f"guided sampling of {noise.shape[0]} samples needs a video started with "
+                             f"{2 * noise.shape[0]} prompts (conditional over unconditional)")  # fmt: skip
         n = self.scheduler.num_train_timesteps
         timesteps = self.scheduler.warp(torch.linspace(n, 0, steps + 1).tolist()).to(noise.device)
         self._enter_chunk()
-        x = noise
+        x = noise.repeat(2, 1, 1, 1, 1) if guided else noise
         with torch.no_grad():
             for step in range(steps):
                 t, next_t = timesteps[step], timesteps[step + 1]
                 flow = self._forward(x, self.frame, t, "denoise")
+                if guided:
+                    cond, uncond = flow.chunk(2)
+                    flow = (uncond + guidance * (cond - uncond)).repeat(2, 1, 1, 1, 1)
                 if on_step is not None:
-                    on_step(step, self.scheduler.flow_to_x0(flow, x, self._t(x, t)))
+                    on_step(step, self.scheduler.flow_to_x0(flow, x, self._t(x, t))[: noise.shape[0]])
                 x = x + (next_t - t) / n * flow
         return x
 

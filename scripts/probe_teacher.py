@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -85,6 +86,8 @@ from utils.world import (  # noqa: E402
 DEFAULT_CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
 SAMPLER_CONFIG = ROOT / "configs" / "toy" / "ode_init.yaml"
 BATCH = 8
+SHEET_STORIES = 8  # stories on own_past's --sheet
+DRAWN = 0.5  # subject coverage of a latent cell at which own_past counts a subject as drawn there
 RELIANCE_SIGMAS = (0.5, 0.7, 0.85, 0.95)  # noise levels of the return at which sighting_reliance is measured
 
 
@@ -134,13 +137,16 @@ def returning_subject(story: Narrative) -> tuple[int, int]:
 
 
 def clip_scores(story: Narrative, result: dict) -> dict[str, float]:
-    """From the oracle's ``result`` for a clip: the returning subject's identity consistency, and whether it is
-    drawn at all (oracle presence) at its first sighting and at its return."""
+    """From the oracle's ``result`` for a clip: the returning subject's identity consistency, whether it is drawn at
+    all (oracle presence) at its first sighting and at its return, and how well the clip draws what its prompts
+    state (adherence) without extra subjects (duplicate rate)."""
     index, sid = returning_subject(story)
     sighting = next(i for i, s in enumerate(story.segments) if sid in s.subjects)
     seen = [result["segments"][i]["subjects"][str(sid)]["presence"] >= PRESENT for i in (sighting, index)]
-    return {"identity_consistency": result["metrics"]["identity_consistency"],
-            "sighting_presence": float(seen[0]), "return_presence": float(seen[1])}  # fmt: skip
+    metrics = result["metrics"]
+    return {"identity_consistency": metrics["identity_consistency"], "sighting_presence": float(seen[0]),
+            "return_presence": float(seen[1]), "adherence": metrics["adherence"],
+            "duplicate_rate": metrics["duplicate_rate"]}  # fmt: skip
 
 
 def per_clip(oracle: Oracle, stories: list[Narrative], videos: list[np.ndarray]) -> list[dict[str, float]]:
@@ -278,15 +284,23 @@ def story_prompts(text: TextEncoder, stories: list[Narrative], prompting: str) -
     return [(start, text.encode([s.segments[k].prompt for s in stories])) for k, start in enumerate(starts)]
 
 
+Guidance = tuple[float, torch.Tensor]  # classifier-free guidance: scale, unconditional prompt embedding [1, T, D]
+
+
 @torch.no_grad()
 def sample_return(gen: StreamingGenerator, past: torch.Tensor, prompts: list[tuple[int, torch.Tensor]], back: int,
-                  noise: torch.Tensor, ode_steps: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+                  noise: torch.Tensor, ode_steps: int | None,
+                  guidance: Guidance | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """``past`` [B, F, C, h, w] up to latent frame ``back`` committed chunk by chunk as if generated, the rest
-    sampled from ``noise`` (``ode_steps`` Euler steps, or None: the generator's few-step list). Returns the
+    sampled from ``noise`` (``ode_steps`` Euler steps, or None: the generator's few-step list). ``guidance``
+    guides the Euler steps as the teacher's are. Returns the
     latents and every sampler step's x0 prediction of the first sampled chunk."""
     b, f, _, h, w = past.shape
+    scale, repeat = (1.0, 1) if guidance is None else (guidance[0], 2)
+    if guidance is not None:
+        prompts = [(start, torch.cat([p, guidance[1].expand(len(p), -1, -1)])) for start, p in prompts]
     schedule = dict(prompts)
-    gen.start(schedule[0], num_frames=f, latent_height=h, latent_width=w, batch_size=b)
+    gen.start(schedule[0], num_frames=f, latent_height=h, latent_width=w, batch_size=b * repeat)
     out, steps = past.clone(), []
     for start in range(0, f, gen.chunk):
         if start > 0 and start in schedule:
@@ -297,14 +311,15 @@ def sample_return(gen: StreamingGenerator, past: torch.Tensor, prompts: list[tup
             if ode_steps is None:
                 out[:, chunk] = gen.denoise_chunk(noise[:, chunk], on_step=record)
             else:
-                out[:, chunk] = gen.integrate_chunk(noise[:, chunk], ode_steps, on_step=record)
-        gen.commit_chunk(out[:, chunk])
+                out[:, chunk] = gen.integrate_chunk(noise[:, chunk], ode_steps, guidance=scale, on_step=record)[:b]
+        gen.commit_chunk(out[:, chunk].repeat(repeat, 1, 1, 1, 1))
     return out, steps
 
 
 @torch.no_grad()
 def forced_past(gen: StreamingGenerator, text: TextEncoder, vae: WanVAE, stories: list[Narrative],
-                reference: list[Narrative], prompting: str, ode_steps: int | None, seed: int) -> dict:  # fmt: skip
+                reference: list[Narrative], prompting: str, ode_steps: int | None, seed: int,
+                guidance: Guidance | None = None) -> dict:  # fmt: skip
     """Does the generator draw the returning subject like its sighting when everything before the return is the
     TRUE clip? Per variant of that past (``true``; ``removed`` and ``recoloured`` as in :func:`sighting_reliance`)
     the return is sampled with the same noise, placed after the true past, decoded and scored by the oracle
@@ -348,7 +363,7 @@ def forced_past(gen: StreamingGenerator, text: TextEncoder, vae: WanVAE, stories
         for i in range(0, len(stories), BATCH):
             batch = slice(i, i + BATCH)
             out, x0s = sample_return(gen, past[batch], story_prompts(text, stories[batch], prompting), back,
-                                     noise[batch], ode_steps)  # fmt: skip
+                                     noise[batch], ode_steps, guidance)  # fmt: skip
             sampled.append(out)
             steps.append(x0s)
         sampled = torch.cat(sampled)
@@ -368,14 +383,19 @@ def forced_past(gen: StreamingGenerator, text: TextEncoder, vae: WanVAE, stories
 
 @torch.no_grad()
 def own_past(gens: dict[str, StreamingGenerator], text: TextEncoder, vae: WanVAE, stories: list[Narrative],
-             reference: list[Narrative], prompting: str, ode_steps: int | None, seed: int) -> dict:  # fmt: skip
+             reference: list[Narrative], prompting: str, ode_steps: int | None, seed: int,
+             guidance: Guidance | None = None) -> tuple[dict, dict[str, list[np.ndarray]]]:  # fmt: skip
     """Does the return take the look the generator itself gave the sighting? Nothing in a return story's text fixes
     the subject's colour, so from its own past only memory can make the return repeat it. Each story is generated
     whole with the same noise under every memory in ``gens`` (``none`` first), and the colour probe of
-    :func:`forced_past` reads the generated sighting and the generated return on the true clip's subject cells.
+    :func:`forced_past` reads the generated sighting and the generated return on the cells where the decoded
+    sample shows a subject (``sighting_drawn``, ``return_drawn``: how often some cell is mostly covered; the
+    generator places an unnamed subject where it likes, so the true clip's cells may show only background).
     ``follows``: the share of stories whose return reads as their own sighting; ``follows_chance``: as the
     previous story's sighting (a generator that draws every subject alike follows by chance). The paired
-    difference of ``follows`` to ``none`` is what the memory adds."""
+    difference of ``follows`` to ``none`` is what the memory adds. The oracle's rows (identity, adherence,
+    duplicates, as :func:`per_clip`) say whether the samples draw a story at all. Returns the report and each
+    memory's decoded videos."""
     sightings = {tuple(sighting_frames(s)) for s in stories + reference}
     backs = {s.segments[returning_subject(s)[0]].start for s in stories + reference}
     if len(sightings) != 1 or len(backs) != 1:
@@ -386,26 +406,44 @@ def own_past(gens: dict[str, StreamingGenerator], text: TextEncoder, vae: WanVAE
     parts = {"sighting": sighting, "return": range(back, latents.shape[1])}
     refs = {part: return_features(ref_latents, only_frames(ref_coverage, frames)) for part, frames in parts.items()}
 
-    def colours(x: torch.Tensor, part: str) -> torch.Tensor:
-        return nearest_colours(refs[part], ref_labels, return_features(x, only_frames(coverage, parts[part])))
+    def colours(x: torch.Tensor, part: str, where: torch.Tensor = coverage) -> torch.Tensor:
+        return nearest_colours(refs[part], ref_labels, return_features(x, only_frames(where, parts[part])))
 
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
-    rows, follows = {}, {}
+    rows, follows, videos, oracle = {}, {}, {}, Oracle()
     for memory, gen in gens.items():
         sampled = torch.cat([sample_return(gen, latents[i : i + BATCH], story_prompts(text, stories[i : i + BATCH],
                                                                                         prompting),
-                                           0, noise[i : i + BATCH], ode_steps)[0]
+                                           0, noise[i : i + BATCH], ode_steps, guidance)[0]
                              for i in range(0, len(stories), BATCH)])  # fmt: skip
-        seen, back_colour = colours(sampled, "sighting"), colours(sampled, "return")
+        decoded = in_batches(vae.decode, sampled)
+        videos[memory] = [from_model_pixels(v.float().numpy()) for v in decoded]
+        drawn = subject_coverage(decoded, (latents.shape[1], *latents.shape[3:]))
+        seen, back_colour = colours(sampled, "sighting", drawn), colours(sampled, "return", drawn)
+        shown = {part: (only_frames(drawn, frames) >= DRAWN).flatten(1).any(1) for part, frames in parts.items()}
         follows[memory] = [{"follows": float(a == b)} for a, b in zip(seen, back_colour, strict=True)]
-        rows[memory] = {"sighting_true_colour": float((seen == labels).float().mean()),
+        rows[memory] = {**mean_row(per_clip(oracle, stories, videos[memory])),
+                        "sighting_true_colour": float((seen == labels).float().mean()),
                         "return_true_colour": float((back_colour == labels).float().mean()),
                         "follows": float((seen == back_colour).float().mean()),
-                        "follows_chance": float((seen.roll(1) == back_colour).float().mean())}  # fmt: skip
+                        "follows_chance": float((seen.roll(1) == back_colour).float().mean()),
+                        "sighting_drawn": float(shown["sighting"].float().mean()),
+                        "return_drawn": float(shown["return"].float().mean())}  # fmt: skip
     truth = {part: float((colours(latents, part) == labels).float().mean()) for part in parts}
     versus = {m: paired_difference(follows[m], follows["none"], "follows") for m in gens if m != "none"}
-    return {"sighting": list(sighting), "back": back, "true_clip_colour": truth, "rows": rows,
-            "follows_vs_none": versus}  # fmt: skip
+    report = {"sighting": list(sighting), "back": back, "true_clip_colour": truth, "rows": rows,
+              "follows_vs_none": versus}  # fmt: skip
+    return report, videos
+
+
+def story_sheet(stories: list[Narrative], videos: dict[str, list[np.ndarray]], chunk: int) -> np.ndarray:
+    """``uint8 [H, W, 3]``: for each of the first ``SHEET_STORIES`` stories a row of its true frames over a row of
+    each memory's sample, showing the last latent frame of every chunk."""
+    frames = [pixel_frame(f) for f in range(chunk - 1, stories[0].num_latent_frames, chunk)]
+    rows = [np.concatenate([video[p] for p in frames], 1)
+            for i, story in enumerate(stories[:SHEET_STORIES])
+            for video in (story.frames, *(v[i] for v in videos.values()))]  # fmt: skip
+    return np.concatenate(rows, 0)
 
 
 def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int, split: str, sampler: dict,
@@ -428,16 +466,22 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
     if forced:
         ode_steps = sampler["steps"] if forced["sampler"] == "ode" else None
         steps = list(plan.stream.denoising_step_list) if ode_steps is None else ode_steps
+        guidance = None
+        if forced["guidance"] != 1.0:
+            guidance = (forced["guidance"], text.encode([sampler["negative_prompt"]]))
         dit = load_generator(plan)
         if forced["own"]:
             gens = {m: StreamingGenerator(dit, dataclasses.replace(plan.stream, memory=m))
                     for m in ("none", forced["memory"])}  # fmt: skip
-            result = own_past(gens, text, vae, stories[:clips], stories[clips:], forced["prompts"], ode_steps,
-                              int(cfg.seed))  # fmt: skip
+            result, videos = own_past(gens, text, vae, stories[:clips], stories[clips:], forced["prompts"], ode_steps,
+                                      int(cfg.seed), guidance)  # fmt: skip
+            if forced["sheet"]:
+                Image.fromarray(story_sheet(stories[:clips], videos, plan.stream.num_frame_per_block)).save(
+                    forced["sheet"])
             return {**common, "own_past": {**forced, "steps": steps, **result}}
         gen = StreamingGenerator(dit, dataclasses.replace(plan.stream, memory=forced["memory"]))
         result = forced_past(gen, text, vae, stories[:clips], stories[clips:], forced["prompts"], ode_steps,
-                             int(cfg.seed))  # fmt: skip
+                             int(cfg.seed), guidance)  # fmt: skip
         return {**common, "forced_past": {**forced, "steps": steps, **result}}
     teacher = load_teacher(cfg).eval().requires_grad_(False)
     rows = copied = None
@@ -463,7 +507,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gap", type=int, default=9, help="latent frames the subject is away (0: no opening chunk)")
     parser.add_argument("--split", choices=("test", "validation"), default="validation")
     parser.add_argument("--steps", type=int, default=int(defaults.ode_steps))
-    parser.add_argument("--guidance", type=float, default=float(defaults.guidance_scale))
+    parser.add_argument("--guidance", type=float, default=None,
+                        help=f"classifier-free guidance of the teacher (default {float(defaults.guidance_scale):g}); "
+                             "with --sampler ode also of the generator's Euler steps (default 1: none)")
     parser.add_argument("--negative_prompt", default=str(defaults.negative_prompt))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
@@ -480,6 +526,8 @@ def main(argv: list[str]) -> int:
                         help="--forced_past, --own_past: one joined prompt, or each segment's own switched in")
     parser.add_argument("--sampler", choices=("few_step", "ode"), default="few_step",
                         help="--forced_past, --own_past: the generator's denoising_step_list, or --steps Euler steps")
+    parser.add_argument("--sheet", default=None,
+                        help=f"--own_past: a new PNG of the first {SHEET_STORIES} stories, each true over its samples")
     parser.add_argument("--reference", type=int, default=None,
                         help="--forced_past, --own_past: return clips the colour probe is referenced on "
                              "(default 2 x --clips)")
@@ -506,11 +554,21 @@ def main(argv: list[str]) -> int:
         if reference < 3 * len(COLOURS):
             raise ConfigError(f"--reference {reference}: the colour probe needs at least {3 * len(COLOURS)} "
                               "reference clips")  # fmt: skip
+        if args.guidance is not None and args.sampler != "ode":
+            raise ConfigError(f"{flag} --guidance {args.guidance:g} with --sampler {args.sampler}: only the Euler "
+                              "sampler is guided; give --sampler ode, or drop --guidance")  # fmt: skip
+        if args.sheet is not None and not args.own_past:
+            raise ConfigError("--sheet without --own_past: only --own_past draws the sheet; drop --sheet")
+        if args.sheet is not None and (Path(args.sheet).exists() or not Path(args.sheet).parent.is_dir()):
+            raise ConfigError(f"--sheet {args.sheet}: give a new file in an existing folder (this one "
+                              f"{'exists' if Path(args.sheet).exists() else 'has no folder'})")  # fmt: skip
         forced = {"memory": args.memory, "prompts": args.prompts, "sampler": args.sampler, "reference": reference,
-                  "own": args.own_past}  # fmt: skip
+                  "own": args.own_past, "guidance": 1.0 if args.guidance is None else args.guidance,
+                  "sheet": args.sheet}  # fmt: skip
     config_path, _, overrides = parse_cli(rest, str(DEFAULT_CONFIG), prog="probe_teacher.py")
     torch.set_num_threads(args.threads)
-    sampler = {"steps": args.steps, "guidance": args.guidance, "negative_prompt": args.negative_prompt,
+    teacher_guidance = float(defaults.guidance_scale) if args.guidance is None else args.guidance
+    sampler = {"steps": args.steps, "guidance": teacher_guidance, "negative_prompt": args.negative_prompt,
                "shift": float(defaults.timestep_shift)}  # fmt: skip
     result = probe(config_path, overrides, args.clips, args.frames, args.gap, args.split, sampler, args.reliance_only,
                    forced)  # fmt: skip

@@ -200,6 +200,28 @@ def test_one_euler_step_equals_the_one_step_sampler(dit):
     assert steps == [0, 0, 1, 2, 3] and not torch.allclose(results[2], results[0], atol=1e-3)
 
 
+@torch.no_grad()
+def test_guided_euler_steps_follow_the_unconditional_flow_plus_scaled_difference(dit):
+    """Classifier-free guidance over a batch started with the conditional prompt over the unconditional one: a
+    guided step moves along u + g (c - u) of the two halves' flows, and equal halves give the unguided sample."""
+    config = StreamConfig(memory="nam", local_attn_size=6, bank_size=2, record_interval=1)
+    past, noise, cond, uncond = _latents(3), _latents(3, seed=5), _prompt(0), _prompt(1)
+    gen = StreamingGenerator(dit, config)
+    gen.start(torch.cat([cond, uncond]), num_frames=6, latent_height=H, latent_width=W)
+    gen.commit_chunk(past.repeat(2, 1, 1, 1, 1))
+    c, u = gen.chunk_flow(noise.repeat(2, 1, 1, 1, 1), torch.full((2,), 1000.0)).chunk(2)
+    guided = gen.integrate_chunk(noise, 1, guidance=3.0)
+    torch.testing.assert_close(guided, (noise - (u + 3.0 * (c - u))).repeat(2, 1, 1, 1, 1), atol=1e-5, rtol=1e-5)
+    samples = []
+    for prompt, guidance in ((torch.cat([cond, cond]), 3.0), (cond, 1.0)):
+        gen.start(prompt, num_frames=6, latent_height=H, latent_width=W)
+        gen.commit_chunk(past.repeat(len(prompt), 1, 1, 1, 1))
+        samples.append(gen.integrate_chunk(noise, 4, guidance=guidance)[:1])
+    torch.testing.assert_close(samples[0], samples[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="conditional over unconditional"):
+        gen.integrate_chunk(noise.repeat(2, 1, 1, 1, 1), 1, guidance=3.0)
+
+
 def _generate(dit, config, frames=24, prompts=None, switches=(), seed=3, trace=False):
     gen = StreamingGenerator(dit, config, trace=trace)
     prompts = prompts or [_prompt(0)]

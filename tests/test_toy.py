@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
 
 from memflow.errors import ConfigError, WeightsError
 from memflow.scheduler import FlowMatchScheduler
@@ -641,16 +642,22 @@ def test_forced_past_probe_prints_json_rows() -> None:
     assert result["true_vs_removed"]["pairs"] == 2
 
 
-def test_own_past_probe_compares_the_memory_with_none() -> None:
+def test_own_past_probe_compares_the_memory_with_none(tmp_path: Path) -> None:
+    sheet = tmp_path / "sheet.png"
     proc = run_script("scripts/probe_teacher.py", "--own_past", "--memory", "nam", "--clips", "2", "--reference",
-                      "24", "--frames", "24", "--sampler", "ode", "--steps", "2", "--json",
-                      *RANDOM_WEIGHTS)  # fmt: skip
+                      "24", "--frames", "24", "--sampler", "ode", "--steps", "2", "--guidance", "2", "--sheet",
+                      str(sheet), "--json", *RANDOM_WEIGHTS)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)["own_past"]
     assert list(result["rows"]) == ["none", "nam"] and result["sighting"] == list(range(3, 12))
-    assert result["back"] == 21 and result["steps"] == 2
+    assert result["back"] == 21 and result["steps"] == 2 and result["guidance"] == 2.0
+    probed = ("sighting_true_colour", "return_true_colour", "follows", "follows_chance", "sighting_drawn",
+              "return_drawn", "adherence", "duplicate_rate", "identity_consistency")  # fmt: skip
     for row in result["rows"].values():
-        assert all(0.0 <= value <= 1.0 for value in row.values())
+        assert all(0.0 <= row[key] <= 1.0 for key in probed)
+        assert row["identity_above_chance"] == pytest.approx(row["identity_consistency"] - row["identity_chance"])
+    # two stories, each true over its sample under none and under nam; the last frame of each of 8 chunks
+    assert np.asarray(Image.open(sheet)).shape == (2 * 3 * 64, 8 * 64, 3)
     versus = result["follows_vs_none"]["nam"]
     assert versus["pairs"] == 2
     assert versus["mean"] == pytest.approx(result["rows"]["nam"]["follows"] - result["rows"]["none"]["follows"])
@@ -662,7 +669,10 @@ def test_own_past_probe_compares_the_memory_with_none() -> None:
                                          (["--forced_past", "--gap", "0"], "--forced_past"),
                                          (["--forced_past", "--reference", "8"], "--reference"),
                                          (["--own_past", "--memory", "none"], "--own_past"),
-                                         (["--own_past", "--forced_past"], "--own_past")])  # fmt: skip
+                                         (["--own_past", "--forced_past"], "--own_past"),
+                                         (["--forced_past", "--guidance", "2"], "--guidance"),
+                                         (["--forced_past", "--sheet", "x.png"], "--sheet"),
+                                         (["--own_past", "--sheet", "README.md"], "--sheet")])  # fmt: skip
 def test_teacher_probe_rejects_bad_arguments_in_one_line(args: list[str], field: str) -> None:
     proc = run_script("scripts/probe_teacher.py", *args, *RANDOM_WEIGHTS)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and field in proc.stderr
