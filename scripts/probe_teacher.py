@@ -86,7 +86,7 @@ from utils.world import (  # noqa: E402
 DEFAULT_CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
 SAMPLER_CONFIG = ROOT / "configs" / "toy" / "ode_init.yaml"
 BATCH = 8
-SHEET_STORIES = 8  # stories on own_past's --sheet
+SHEET_STORIES = 8  # stories on --sheet
 DRAWN = 0.5  # subject coverage of a latent cell at which own_past counts a subject as drawn there
 RELIANCE_SIGMAS = (0.5, 0.7, 0.85, 0.95)  # noise levels of the return at which sighting_reliance is measured
 
@@ -438,7 +438,8 @@ def own_past(gens: dict[str, StreamingGenerator], text: TextEncoder, vae: WanVAE
 
 def story_sheet(stories: list[Narrative], videos: dict[str, list[np.ndarray]], chunk: int) -> np.ndarray:
     """``uint8 [H, W, 3]``: for each of the first ``SHEET_STORIES`` stories a row of its true frames over a row of
-    each memory's sample, showing the last latent frame of every chunk."""
+    each of its samples (``videos``: per sampler or memory, one video per story), showing the last latent frame
+    of every chunk."""
     frames = [pixel_frame(f) for f in range(chunk - 1, stories[0].num_latent_frames, chunk)]
     rows = [np.concatenate([video[p] for p in frames], 1)
             for i, story in enumerate(stories[:SHEET_STORIES])
@@ -447,10 +448,10 @@ def story_sheet(stories: list[Narrative], videos: dict[str, list[np.ndarray]], c
 
 
 def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int, split: str, sampler: dict,
-          reliance_only: bool = False, forced: dict | None = None) -> dict:  # fmt: skip
-    """The teacher's rows and ``sighting_reliance``, or with ``forced`` (memory, prompts, sampler, reference, and
-    ``own``) the generator's :func:`forced_past` rows, or with ``own`` true its :func:`own_past` rows against
-    memory ``none``."""
+          reliance_only: bool = False, forced: dict | None = None, sheet: str | None = None) -> dict:  # fmt: skip
+    """The teacher's rows and ``sighting_reliance``, or with ``forced`` (memory, prompts, sampler, reference,
+    guidance and ``own``) the generator's :func:`forced_past` rows, or with ``own`` true its :func:`own_past` rows
+    against memory ``none``. ``sheet``: a PNG path for :func:`story_sheet` of the teacher's or own-past samples."""
     reference = forced["reference"] if forced else 0
     try:
         stories = [return_story_from_seed(seed, frames, gap) for seed in split_seeds(split, clips + reference)]
@@ -475,9 +476,8 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
                     for m in ("none", forced["memory"])}  # fmt: skip
             result, videos = own_past(gens, text, vae, stories[:clips], stories[clips:], forced["prompts"], ode_steps,
                                       int(cfg.seed), guidance)  # fmt: skip
-            if forced["sheet"]:
-                Image.fromarray(story_sheet(stories[:clips], videos, plan.stream.num_frame_per_block)).save(
-                    forced["sheet"])
+            if sheet:
+                Image.fromarray(story_sheet(stories[:clips], videos, plan.stream.num_frame_per_block)).save(sheet)
             return {**common, "own_past": {**forced, "steps": steps, **result}}
         gen = StreamingGenerator(dit, dataclasses.replace(plan.stream, memory=forced["memory"]))
         result = forced_past(gen, text, vae, stories[:clips], stories[clips:], forced["prompts"], ode_steps,
@@ -495,6 +495,8 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
                   "vae_roundtrip": per_clip(oracle, stories, roundtrip)}  # fmt: skip
         rows = {k: mean_row(v) for k, v in scores.items()}
         copied = paired_difference(scores["teacher"], scores["teacher_spliced"], "identity_consistency")
+        if sheet:
+            Image.fromarray(story_sheet(stories, {"teacher": videos}, plan.stream.num_frame_per_block)).save(sheet)
     reliance = sighting_reliance(teacher, text, vae, stories, sampler["shift"], int(cfg.seed)) if gap > 0 else None
     return {**common, "sampler": sampler, "rows": rows, "teacher_vs_spliced": copied, "sighting_reliance": reliance}
 
@@ -527,7 +529,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sampler", choices=("few_step", "ode"), default="few_step",
                         help="--forced_past, --own_past: the generator's denoising_step_list, or --steps Euler steps")
     parser.add_argument("--sheet", default=None,
-                        help=f"--own_past: a new PNG of the first {SHEET_STORIES} stories, each true over its samples")
+                        help=f"a new PNG of the first {SHEET_STORIES} stories, each true over its samples (the "
+                             "teacher's, or --own_past's)")
     parser.add_argument("--reference", type=int, default=None,
                         help="--forced_past, --own_past: return clips the colour probe is referenced on "
                              "(default 2 x --clips)")
@@ -557,21 +560,22 @@ def main(argv: list[str]) -> int:
         if args.guidance is not None and args.sampler != "ode":
             raise ConfigError(f"{flag} --guidance {args.guidance:g} with --sampler {args.sampler}: only the Euler "
                               "sampler is guided; give --sampler ode, or drop --guidance")  # fmt: skip
-        if args.sheet is not None and not args.own_past:
-            raise ConfigError("--sheet without --own_past: only --own_past draws the sheet; drop --sheet")
-        if args.sheet is not None and (Path(args.sheet).exists() or not Path(args.sheet).parent.is_dir()):
+        forced = {"memory": args.memory, "prompts": args.prompts, "sampler": args.sampler, "reference": reference,
+                  "own": args.own_past, "guidance": 1.0 if args.guidance is None else args.guidance}  # fmt: skip
+    if args.sheet is not None:
+        if args.forced_past or args.reliance_only:
+            raise ConfigError(f"--sheet with {'--forced_past' if args.forced_past else '--reliance_only'}: the sheet "
+                              "shows the teacher's samples or --own_past's; drop --sheet")  # fmt: skip
+        if Path(args.sheet).exists() or not Path(args.sheet).parent.is_dir():
             raise ConfigError(f"--sheet {args.sheet}: give a new file in an existing folder (this one "
                               f"{'exists' if Path(args.sheet).exists() else 'has no folder'})")  # fmt: skip
-        forced = {"memory": args.memory, "prompts": args.prompts, "sampler": args.sampler, "reference": reference,
-                  "own": args.own_past, "guidance": 1.0 if args.guidance is None else args.guidance,
-                  "sheet": args.sheet}  # fmt: skip
     config_path, _, overrides = parse_cli(rest, str(DEFAULT_CONFIG), prog="probe_teacher.py")
     torch.set_num_threads(args.threads)
     teacher_guidance = float(defaults.guidance_scale) if args.guidance is None else args.guidance
     sampler = {"steps": args.steps, "guidance": teacher_guidance, "negative_prompt": args.negative_prompt,
                "shift": float(defaults.timestep_shift)}  # fmt: skip
     result = probe(config_path, overrides, args.clips, args.frames, args.gap, args.split, sampler, args.reliance_only,
-                   forced)  # fmt: skip
+                   forced, args.sheet)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -583,9 +587,11 @@ def main(argv: list[str]) -> int:
             print_forced_past(result["forced_past"])
         return 0
     if result["rows"] is not None:
-        print_table(["row", "identity consistency", "subject drawn at sighting", "at return"],
+        print_table(["row", "identity consistency", "subject drawn at sighting", "at return", "adherence",
+                     "duplicates"],
                     [[name, f"{row['identity_consistency']:.3f}", f"{row['sighting_presence']:.2f}",
-                      f"{row['return_presence']:.2f}"] for name, row in result["rows"].items()])  # fmt: skip
+                      f"{row['return_presence']:.2f}", f"{row['adherence']:.2f}", f"{row['duplicate_rate']:.2f}"]
+                     for name, row in result["rows"].items()])  # fmt: skip
         print(f"\nteacher - spliced: {paired(result['teacher_vs_spliced'])}")
     if result["sighting_reliance"] is not None:
         print("sighting reliance (error without the sighting, or recoloured, / with it) at return noise "
@@ -610,9 +616,11 @@ def print_forced_past(result: dict) -> None:
 def print_own_past(result: dict) -> None:
     print(f"whole stories from noise; sighting latent frames {result['sighting'][0]}-{result['sighting'][-1]}, return "
           f"from {result['back']}; {result['prompts']} prompts, sampler {result['sampler']} {result['steps']}\n")
-    print_table(["memory", "sighting: true colour", "return: true colour", "return follows its sighting",
-                 "by chance"],
-                [[name, *(f"{row[key]:.2f}" for key in ("sighting_true_colour", "return_true_colour", "follows",
+    print_table(["memory", "identity", "by chance", "adherence", "duplicates", "drawn: sighting", "return",
+                 "sighting: true colour", "return: true colour", "return follows its sighting", "by chance"],
+                [[name, *(f"{row[key]:.2f}" for key in ("identity_consistency", "identity_chance", "adherence",
+                                                          "duplicate_rate", "sighting_drawn", "return_drawn",
+                                                          "sighting_true_colour", "return_true_colour", "follows",
                                                           "follows_chance"))]
                  for name, row in result["rows"].items()])  # fmt: skip
     for name, c in result["follows_vs_none"].items():

@@ -595,13 +595,17 @@ def test_sighting_reliance_is_one_for_a_teacher_blind_to_other_frames(monkeypatc
 
 
 def test_teacher_probe_prints_json_rows(tmp_path: Path) -> None:
+    sheet = tmp_path / "sheet.png"
     proc = run_script("scripts/probe_teacher.py", "--clips", "2", "--frames", "9", "--gap", "0", "--steps", "2",
-                      "--json", *RANDOM_WEIGHTS)  # fmt: skip
+                      "--sheet", str(sheet), "--json", *RANDOM_WEIGHTS)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert set(result["rows"]) == {"teacher", "teacher_spliced", "vae_roundtrip"}
     assert all(0.0 <= v <= 1.0 for row in result["rows"].values() for v in row.values())
+    assert result["rows"]["vae_roundtrip"]["adherence"] > result["rows"]["teacher"]["adherence"]
     assert result["sampler"]["steps"] == 2 and result["teacher_vs_spliced"]["wins"] <= 2
+    # two stories, each true over the teacher's sample; the last frame of each of 3 chunks
+    assert np.asarray(Image.open(sheet)).shape == (2 * 2 * 64, 3 * 64, 3)
 
 
 def test_teacher_probe_reliance_only_skips_the_sampled_rows() -> None:
@@ -672,7 +676,7 @@ def test_own_past_probe_compares_the_memory_with_none(tmp_path: Path) -> None:
                                          (["--own_past", "--forced_past"], "--own_past"),
                                          (["--forced_past", "--guidance", "2"], "--guidance"),
                                          (["--forced_past", "--sheet", "x.png"], "--sheet"),
-                                         (["--own_past", "--sheet", "README.md"], "--sheet")])  # fmt: skip
+                                         (["--sheet", "README.md"], "--sheet")])  # fmt: skip
 def test_teacher_probe_rejects_bad_arguments_in_one_line(args: list[str], field: str) -> None:
     proc = run_script("scripts/probe_teacher.py", *args, *RANDOM_WEIGHTS)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and field in proc.stderr
