@@ -293,8 +293,8 @@ def sample_return(gen: StreamingGenerator, past: torch.Tensor, prompts: list[tup
                   guidance: Guidance | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """``past`` [B, F, C, h, w] up to latent frame ``back`` committed chunk by chunk as if generated, the rest
     sampled from ``noise`` (``ode_steps`` Euler steps, or None: the generator's few-step list). ``guidance``
-    guides the Euler steps as the teacher's are. Returns the
-    latents and every sampler step's x0 prediction of the first sampled chunk."""
+    guides the Euler steps as the teacher's are. Returns the latents and every sampler step's x0 prediction of
+    the first sampled chunk."""
     b, f, _, h, w = past.shape
     scale, repeat = (1.0, 1) if guidance is None else (guidance[0], 2)
     if guidance is not None:
