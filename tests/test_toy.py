@@ -43,6 +43,7 @@ from trainer.vae_train import (
     clip_video,
     colour_probe,
     foreground_weights,
+    inflate_temporal,
     latent_chunks,
     reconstruction_error,
     streaming_loss,
@@ -99,6 +100,39 @@ def test_image_phase_trains_on_first_frames_alone() -> None:
     values = trainer.step()
     handle.remove()
     assert decoded == [(2, 3, 1, 64, 64)] and values["warmup"] == 0 and np.isfinite(values["loss"])
+
+
+def test_inflated_image_vae_codes_a_still_video_as_its_frame() -> None:
+    """After inflation every latent frame of a still video is its frame's latent and every decoded frame its frame's
+    decode; before it the untrained temporal weights make the video path differ from the image path."""
+    settings = VAESettings(base_dim=4, phases=((1, 1, 1, 0),), sample_posterior=False)
+    torch.manual_seed(0)
+    model = AutoencoderKLWan(**settings.model_config()).eval()
+    frame = clip_video([3], 1)
+    still = frame.expand(-1, -1, 9, -1, -1)
+
+    def gaps() -> tuple[float, float]:
+        image, video = model.encode(frame).latent_dist.mode(), model.encode(still).latent_dist.mode()
+        decoded = model.decode(image.expand(-1, -1, 3, -1, -1)).sample
+        return (video - image).abs().max().item(), (decoded - model.decode(image).sample).abs().max().item()
+
+    with torch.no_grad():
+        before = gaps()
+        inflate_temporal(model)
+        after = gaps()
+    assert min(before) > 1e-3 and max(after) < 1e-5
+
+
+def test_inflate_setting_inflates_once_at_the_first_video_phase() -> None:
+    settings = VAESettings(base_dim=4, phases=((1, 1, 1, 0), (2, 1, 2, 0)), inflate=True)
+    trainer = VAETrainer(settings, seeds=[3, 4])
+    conv = trainer.model.decoder.conv_in
+    trainer.step()
+    assert not trainer.inflated and conv.weight[:, :, 0].abs().sum() > 0
+    with patch("trainer.vae_train.inflate_temporal", wraps=inflate_temporal) as inflate:
+        trainer.step()
+        trainer.step()
+    assert trainer.inflated and inflate.call_count == 1
 
 
 class _PooledPixels:

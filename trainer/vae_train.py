@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import save_file
 
@@ -108,7 +109,9 @@ class VAESettings:
     decoder's temporal upsamplers (skipped on the first frame, zero history on the second, a real
     cache from the third on); a warm-up from the first step keeps the deep-video state in distribution.
     ``sample_posterior: false`` decodes the posterior mean (what inference encodes) instead of a sample,
-    whose noise can drown what small subjects look like (see :func:`colour_probe`).
+    whose noise can drown what small subjects look like (see :func:`colour_probe`). ``inflate: true``
+    starts the first video phase from the per-frame image VAE that image phases (of this run or of the
+    ``init_from`` VAE) trained (:func:`inflate_temporal`).
     """
 
     base_dim: int = 16
@@ -122,6 +125,7 @@ class VAESettings:
     stats_clips: int = 32
     seed: int = 0
     sample_posterior: bool = True
+    inflate: bool = False
 
     def __post_init__(self) -> None:
         phases = tuple(p if isinstance(p, Phase) else Phase(*(int(v) for v in p)) for p in self.phases)
@@ -157,6 +161,31 @@ class VAESettings:
             "tiny", base_dim=self.base_dim, z_dim=self.z_dim, num_res_blocks=self.num_res_blocks,
             latents_mean=[0.0] * self.z_dim, latents_std=[1.0] * self.z_dim,
         )  # fmt: skip
+
+
+@torch.no_grad()
+def inflate_temporal(model: AutoencoderKLWan) -> None:
+    """Turn a VAE trained on single frames into that image VAE applied to every frame of a video.
+
+    Image phases train only each causal convolution's current-frame tap (the past taps read zero padding)
+    and never run the temporal resamplers, so a video phase after them starts from random temporal weights.
+    Here the past taps are zeroed, the encoder's temporal downsamplers keep the latest frame and the
+    decoder's upsamplers repeat each frame: a still video then encodes and decodes exactly as its frame does,
+    and the video phase only has to learn motion.
+    """
+    resamplers = [m for m in model.modules() if isinstance(m, WanResample) and hasattr(m, "time_conv")]
+    temporal = {id(m.time_conv) for m in resamplers}
+    for module in model.modules():
+        if isinstance(module, WanCausalConv3d) and id(module) not in temporal and module.kernel_size[0] > 1:
+            module.weight[:, :, :-1] = 0
+    for resampler in resamplers:
+        conv = resampler.time_conv
+        copies = conv.out_channels // conv.in_channels  # 2 frames per frame up, 1 down
+        conv.weight.zero_()
+        conv.bias.zero_()
+        for k in range(copies):
+            block = conv.weight[k * conv.in_channels : (k + 1) * conv.in_channels, :, -1, 0, 0]
+            block.copy_(torch.eye(conv.in_channels))
 
 
 def latent_chunks(video: torch.Tensor) -> list[torch.Tensor]:
@@ -258,6 +287,7 @@ class VAETrainer:
         self.seeds = list(seeds if seeds is not None else split_seeds("train", 100_000))
         self.step_count = 0
         self.seen = 0
+        self.inflated = False
         self._stream: tuple[list[torch.Tensor], CausalCaches] | None = None
 
     def load_weights(self, folder: Path) -> None:
@@ -267,6 +297,9 @@ class VAETrainer:
     def step(self) -> dict[str, float]:
         """One optimisation step: a window of fresh clips after a seeded random warm-up, or of the streamed clips."""
         settings, phase = self.settings, self.settings.phase_at(self.step_count)
+        if settings.inflate and phase.window > 1 and not self.inflated:
+            inflate_temporal(self.model)
+            self.inflated = True
         self.step_count += 1
         self.model.train()
         if phase.stream:
