@@ -135,6 +135,21 @@ def test_inflate_setting_inflates_once_at_the_first_video_phase() -> None:
     assert trainer.inflated and inflate.call_count == 1
 
 
+def test_an_image_only_run_is_inflated_before_its_statistics_are_fitted(tmp_path: Path) -> None:
+    """With no video phase to inflate it, ``inflate: true`` still ships the image VAE applied to every frame."""
+    settings = VAESettings(base_dim=4, phases=((1, 1, 1, 0),), inflate=True, stats_clips=2, sample_posterior=False)
+    trainer = VAETrainer(settings, seeds=[3, 4])
+    trainer.step()
+    assert not trainer.inflated
+    trainer.fit_normalisation()
+    model = WanVAE.from_diffusers(trainer.save(tmp_path / "vae")).model.eval()
+    frame = clip_video([3], 1)
+    with torch.no_grad():
+        image = model.encode(frame).latent_dist.mode()
+        video = model.encode(frame.expand(-1, -1, 5, -1, -1)).latent_dist.mode()
+    assert trainer.inflated and (video - image).abs().max() < 1e-5
+
+
 class _PooledPixels:
     """A stand-in VAE whose latents are the first frame's 8x8-pooled pixels: they keep every subject's colour."""
 

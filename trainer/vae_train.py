@@ -111,7 +111,8 @@ class VAESettings:
     ``sample_posterior: false`` decodes the posterior mean (what inference encodes) instead of a sample,
     whose noise can drown what small subjects look like (see :func:`colour_probe`). ``inflate: true``
     starts the first video phase from the per-frame image VAE that image phases (of this run or of the
-    ``init_from`` VAE) trained (:func:`inflate_temporal`).
+    ``init_from`` VAE) trained (:func:`inflate_temporal`); a run of image phases alone is inflated before its
+    latent statistics are fitted and saved, so it becomes that image VAE applied to every frame of a video.
     """
 
     base_dim: int = 16
@@ -297,9 +298,8 @@ class VAETrainer:
     def step(self) -> dict[str, float]:
         """One optimisation step: a window of fresh clips after a seeded random warm-up, or of the streamed clips."""
         settings, phase = self.settings, self.settings.phase_at(self.step_count)
-        if settings.inflate and phase.window > 1 and not self.inflated:
-            inflate_temporal(self.model)
-            self.inflated = True
+        if phase.window > 1:
+            self._inflate_once()
         self.step_count += 1
         self.model.train()
         if phase.stream:
@@ -313,6 +313,11 @@ class VAETrainer:
         self.optimizer.step()
         self.schedule.step()
         return {**values, "lr": self.schedule.get_last_lr()[0]}
+
+    def _inflate_once(self) -> None:
+        if self.settings.inflate and not self.inflated:
+            inflate_temporal(self.model)
+            self.inflated = True
 
     def _next_clips(self, phase: Phase) -> torch.Tensor:
         seeds = [self.seeds[(self.seen + i) % len(self.seeds)] for i in range(phase.batch_size)]
@@ -331,7 +336,9 @@ class VAETrainer:
 
     @torch.no_grad()
     def fit_normalisation(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean / std of the latent means over ``stats_clips`` clips, stored in the config."""
+        """Per-channel mean / std of the latent means over ``stats_clips`` clips, stored in the config (of the
+        inflated VAE when ``inflate`` is set and no video phase has inflated it yet)."""
+        self._inflate_once()
         self.model.eval()
         video = clip_video(self.seeds[-self.settings.stats_clips :], self.settings.clip_latent_frames)
         mu = self.model.encode(video).latent_dist.mode()
