@@ -53,7 +53,7 @@ from pipeline.inference import Components, build_components, plan_run  # noqa: E
 from pipeline.streaming import StreamingGenerator  # noqa: E402
 from trainer.vae_train import roundtrip_frames  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
-from utils.oracle import Oracle, aggregate, chance_identity, paired_difference  # noqa: E402
+from utils.oracle import Oracle, add_chance, aggregate, paired_difference  # noqa: E402
 from utils.world import (  # noqa: E402
     Narrative,
     from_model_pixels,
@@ -164,15 +164,6 @@ def parse_modes(text: str) -> list[str]:
     if not modes or unknown:
         raise ConfigError(f"--modes {text!r}: give a comma-separated subset of {', '.join(MEMORY_MODES)}")
     return list(dict.fromkeys(modes))
-
-
-def add_chance(scores: list[dict], pairs: list) -> None:
-    """Give each story's scores its ``identity_chance`` (:func:`utils.oracle.chance_identity`, over the row's
-    other stories) and ``identity_above_chance``: identity minus that floor, the part only this story (its
-    earlier frames, or a prompt shared by its sighting and return) explains."""
-    for score, chance in zip(scores, chance_identity(pairs), strict=True):
-        score["identity_chance"] = chance
-        score["identity_above_chance"] = score["identity_consistency"] - chance
 
 
 def summarise(scores: dict[str, list[dict]], timings: dict[str, list[float]], pixel_frames: int) -> dict:

@@ -41,7 +41,13 @@ from trainer.teacher_train import (  # noqa: E402
     load_latent_cache,
     read_teacher,
 )
-from trainer.vae_train import VAESettings, VAETrainer, colour_probe, reconstruction_error  # noqa: E402
+from trainer.vae_train import (  # noqa: E402
+    VAESettings,
+    VAETrainer,
+    colour_probe,
+    reconstruction_error,
+    roundtrip_report,
+)
 from utils.atomic import atomic_path  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli, to_container  # noqa: E402
 from utils.world import (  # noqa: E402
@@ -158,6 +164,13 @@ def train_vae(argv: list[str]) -> int:
                "val_second_half": float(np.mean(errors[half:])), "val_subjects": recon.subjects,
                "val_background": recon.background, "val_colour_probe": probe.accuracy,
                "val_colour_chance": probe.chance, "latent_std_mean": float(np.mean(std))}  # fmt: skip
+    count = int(cfg.validation_narratives)
+    if count > 0:
+        roundtrip = roundtrip_report(vae, split_seeds("validation", count), int(cfg.validation_narrative_frames))
+        summary.update({f"val_roundtrip_{k}": v for k, v in roundtrip.items() if not k.endswith("_tests")})
+        print("vae: round trip of {narratives:.0f} validation narratives: identity {identity_consistency:.3f} "
+              "({identity_above_chance:.3f} above chance), background {background_consistency:.3f}, adherence "
+              "{adherence:.3f}, duplicates {duplicate_rate:.3f}, smoothness {smoothness:.3f}".format(**roundtrip))
     metrics.write(total, total, summary)
     print(f"vae: wrote {out} (validation error over {frames} latent frames {summary['val_abs_error_255']:.2f}/255: "
           f"first half {summary['val_first_half']:.2f}, second half {summary['val_second_half']:.2f}; "

@@ -46,6 +46,7 @@ from trainer.vae_train import (
     inflate_temporal,
     latent_chunks,
     reconstruction_error,
+    roundtrip_report,
     streaming_loss,
     subject_mask,
     window_loss,
@@ -148,6 +149,32 @@ def test_an_image_only_run_is_inflated_before_its_statistics_are_fitted(tmp_path
         image = model.encode(frame).latent_dist.mode()
         video = model.encode(frame.expand(-1, -1, 5, -1, -1)).latent_dist.mode()
     assert trainer.inflated and (video - image).abs().max() < 1e-5
+
+
+class _Perfect:
+    """A stand-in VAE whose round trip is exact."""
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return video
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+class _Blank(_Perfect):
+    """A stand-in VAE that decodes every video to a mid-grey one: it keeps nothing."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(latents)
+
+
+def test_roundtrip_report_is_the_truth_for_an_exact_vae_and_nothing_for_a_blank_one() -> None:
+    seeds = split_seeds("validation", 3)
+    exact, blank = roundtrip_report(_Perfect(), seeds, 36), roundtrip_report(_Blank(), seeds, 36)
+    assert exact["narratives"] == blank["narratives"] == 3 and exact["identity_tests"] >= 3
+    assert exact["identity_consistency"] == exact["adherence"] == 1.0 and exact["duplicate_rate"] == 0.0
+    assert exact["identity_above_chance"] > 0.5
+    assert blank["identity_consistency"] == blank["adherence"] == 0.0
 
 
 class _PooledPixels:

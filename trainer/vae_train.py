@@ -394,6 +394,21 @@ def reconstruction_error(vae: WanVAE, seeds: Sequence[int], latent_frames: int) 
     )
 
 
+@torch.no_grad()
+def roundtrip_report(vae: WanVAE, seeds: Sequence[int], latent_frames: int) -> dict[str, float]:
+    """The oracle's scores of the narratives of ``seeds`` encoded and decoded whole (with identity by chance): the
+    ceiling of every generator that works in this VAE's latents, and the measure a VAE is chosen by."""
+    judge = oracle.Oracle()
+    scores, pairs = [], []
+    for seed in seeds:
+        narrative = narrative_from_seed(seed, latent_frames)
+        report = judge.evaluate(narrative, roundtrip_frames(vae, narrative.frames))
+        scores.append(report["metrics"])
+        pairs.append(report["identity_pairs"])
+    oracle.add_chance(scores, pairs)
+    return oracle.aggregate(scores)
+
+
 @dataclass(frozen=True)
 class ColourProbe:
     """How well a subject's colour can be read from the latent vector at its centre: the accuracy of a

@@ -445,6 +445,15 @@ def chance_identity(pairs: Sequence[Sequence[tuple[Observation, Observation]]]) 
     return chance
 
 
+def add_chance(scores: list[dict], pairs: Sequence[Sequence[tuple[Observation, Observation]]]) -> None:
+    """Give each video's scores its ``identity_chance`` (:func:`chance_identity`, over the other videos) and
+    ``identity_above_chance``: identity minus that floor, the part only this video's own earlier frames (or a
+    prompt shared by its sighting and return) explain."""
+    for score, chance in zip(scores, chance_identity(pairs), strict=True):
+        score["identity_chance"] = chance
+        score["identity_above_chance"] = score["identity_consistency"] - chance
+
+
 def _mean(values: list) -> float:
     return float(np.mean(values)) if values else float("nan")
 
