@@ -9,7 +9,11 @@ the flow ``noise - x0``. With probability ``cfg_dropout`` a sample's text is rep
 ``subject_weight`` > 0 weights the squared error of every latent cell a subject covers by
 ``1 + subject_weight``. Subjects fill a few percent of a frame and a return fills one chunk of a clip,
 so with a plain MSE bringing a subject back unchanged is worth almost nothing to the loss, and the
-teacher that the distillation stages copy does not learn it (``scripts/probe_teacher.py``).
+teacher that the distillation stages copy does not learn it (``scripts/probe_teacher.py``). But a weight
+that depends on the target biases the flow learnt: where the noise hides whether a cell shows a subject, the
+weighted optimum ``E[w v | x_t] / E[w | x_t]`` leans towards subject colours wherever a subject could be, and
+samples paint blobs of the prompted colour over the scene (docs/memflow_tiny_log.md, session 21). Keep it 0
+for a model that is sampled.
 
 ``chunk_noise`` > 0 gives that share of samples one timestep per chunk (the world's ``CHUNK_FRAMES``
 latent frames, as the generator makes them) instead of one per clip, as diffusion forcing does, so the
