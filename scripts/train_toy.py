@@ -53,6 +53,7 @@ from utils.config import ScriptParser, load_config, parse_cli, run_cli, to_conta
 from utils.world import (  # noqa: E402
     CHUNK_FRAMES,
     PROMPT_SEED_OFFSET,
+    min_narrative_latent_frames,
     min_return_clip_latent_frames,
     sample_switch_clip,
     split_seeds,
@@ -140,6 +141,12 @@ def train_vae(argv: list[str]) -> int:
         print(f"vae: {out} exists, stage already done")
         return 0
     settings = VAESettings(**to_container(cfg.settings))
+    count = int(cfg.get("validation_narratives") or 0)
+    narrative_frames = int(cfg.get("validation_narrative_frames") or 0)
+    shortest = min_narrative_latent_frames()
+    if count < 0 or (count and narrative_frames < shortest):
+        raise ConfigError(f"validation_narratives={count}, validation_narrative_frames={narrative_frames}: give a "
+                          f"count >= 0 (0 skips the round trip) and at least {shortest} latent frames")  # fmt: skip
     torch.set_num_threads(int(cfg.threads))
     trainer = VAETrainer(settings)
     if cfg.init_from is not None:
@@ -164,9 +171,8 @@ def train_vae(argv: list[str]) -> int:
                "val_second_half": float(np.mean(errors[half:])), "val_subjects": recon.subjects,
                "val_background": recon.background, "val_colour_probe": probe.accuracy,
                "val_colour_chance": probe.chance, "latent_std_mean": float(np.mean(std))}  # fmt: skip
-    count = int(cfg.validation_narratives)
     if count > 0:
-        roundtrip = roundtrip_report(vae, split_seeds("validation", count), int(cfg.validation_narrative_frames))
+        roundtrip = roundtrip_report(vae, split_seeds("validation", count), narrative_frames)
         summary.update({f"val_roundtrip_{k}": v for k, v in roundtrip.items() if not k.endswith("_tests")})
         print("vae: round trip of {narratives:.0f} validation narratives: identity {identity_consistency:.3f} "
               "({identity_above_chance:.3f} above chance), background {background_consistency:.3f}, adherence "

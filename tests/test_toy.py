@@ -455,10 +455,13 @@ def test_teacher_snapshots_equal_shorter_runs(tmp_path: Path) -> None:
                                         ("teacher", "settings.chunk_noise=2"), ("teacher", "snapshot_every=-1"),
                                         ("forcing", "settings.chunk_noise=0.5"),
                                         ("forcing", "return_gap=20"),
-                                        ("forcing", "settings.stream={memory: bogus}")])  # fmt: skip
-def test_teacher_and_forcing_reject_bad_settings_and_write_nothing(tmp_path: Path, stage: str, bad: str) -> None:
-    proc = run_script("scripts/train_toy.py", stage, bad, f"output={tmp_path / 'out'}",
-                      f"cache_path={tmp_path / 'cache.safetensors'}", f"metrics={tmp_path / 'metrics.jsonl'}")
+                                        ("forcing", "settings.stream={memory: bogus}"),
+                                        ("vae", "validation_narratives=-1"),
+                                        ("vae", "validation_narrative_frames=9")])  # fmt: skip
+def test_toy_stages_reject_bad_settings_and_write_nothing(tmp_path: Path, stage: str, bad: str) -> None:
+    cache = [] if stage == "vae" else [f"cache_path={tmp_path / 'cache.safetensors'}"]
+    proc = run_script("scripts/train_toy.py", stage, bad, f"output={tmp_path / 'out'}", *cache,
+                      f"metrics={tmp_path / 'metrics.jsonl'}")
     field = bad.split("=")[0].split(".")[-1]
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and field in proc.stderr
     assert list(tmp_path.iterdir()) == []
