@@ -70,7 +70,7 @@ from trainer.ode_init import generate_ode_pairs  # noqa: E402
 from trainer.teacher_train import latent_subject_mask, subject_coverage  # noqa: E402
 from trainer.vae_train import nearest_colours, roundtrip_frames, subject_mask  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli  # noqa: E402
-from utils.oracle import PRESENT, Oracle, chance_identity, paired_difference  # noqa: E402
+from utils.oracle import PRESENT, Oracle, add_chance, paired_difference  # noqa: E402
 from utils.world import (  # noqa: E402
     COLOURS,
     Narrative,
@@ -154,9 +154,7 @@ def per_clip(oracle: Oracle, stories: list[Narrative], videos: list[np.ndarray])
     against the other clips' sightings) and identity above that."""
     results = [oracle.evaluate(s, v) for s, v in zip(stories, videos, strict=True)]
     scores = [clip_scores(s, r) for s, r in zip(stories, results, strict=True)]
-    for score, chance in zip(scores, chance_identity([r["identity_pairs"] for r in results]), strict=True):
-        score["identity_chance"] = chance
-        score["identity_above_chance"] = score["identity_consistency"] - chance
+    add_chance(scores, [r["identity_pairs"] for r in results])
     return scores
 
 
