@@ -244,6 +244,22 @@ def test_forced_context_noises_each_chunk_to_its_own_timestep_and_gives_the_scor
     assert all(torch.equal(c[1], x0) for c in calls)
 
 
+def test_forced_context_with_per_frame_timesteps_gives_every_frame_its_own(monkeypatch):
+    calls = []
+
+    def spy(model, x0, xt, t, context, chunk_frames):
+        calls.append(t)
+        return torch.zeros_like(xt)
+
+    monkeypatch.setattr("trainer.dmd.forced_flow", spy)
+    objective = DMDObjective("real", "fake", FlowMatchScheduler(), ScoreTimestepSampler(), guidance_scale=0.0,
+                             per_frame_timesteps=True, score_context="forced", chunk_frames=3)  # fmt: skip
+    objective.critic_loss(_latents(b=16, f=6), torch.randn(16, 5, 32))
+    t = calls[0]
+    assert t.shape == (16, 6)
+    assert not torch.equal(t[:, 0], t[:, 1])  # frames of one chunk no longer share a timestep
+
+
 def test_forced_scores_see_a_chunk_only_through_the_chunks_after_it():
     """Chunk c is scored from its own noisy frames and the clean chunks before it: the clean sample's last chunk
     changes no prediction, its first changes every prediction but its own."""
