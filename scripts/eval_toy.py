@@ -2,6 +2,7 @@
 
 usage: python scripts/eval_toy.py [--narratives 50] [--modes none,nam,nam_sma,full] [--frames 36] [--json] [--roundtrip]
                                   [--split test|validation] [--stories narratives|returns] [--gap 9]
+                                  [--sampler few_step|ode [--steps 16] [--guidance 1] [--negative_prompt ""]]
                                   [--config_path configs/toy/interactive_inference.yaml] [key=value ...]
 
 Narratives come from test-split seeds (``split_seeds("test", N)``, disjoint from every training seed);
@@ -28,6 +29,10 @@ the share of layers whose bank, at the return, holds a latent frame showing it i
 latent frames, its return where it was last seen, generated from the story's one joined prompt as the
 teacher and stage 1 see it. That is the task distillation trains memory on, so it tells a generator that
 never learnt to read its memory from one that learnt it but fails on the longer narratives.
+
+``--sampler ode`` samples every chunk with ``--steps`` Euler steps of the flow ODE instead of the few-step
+list (``StreamingGenerator.integrate_chunk``), guided by ``--negative_prompt`` at ``--guidance`` != 1: the
+sampler of a generator trained by flow matching (``train_toy.py forcing``), not of a distilled one.
 """
 
 from __future__ import annotations
@@ -103,21 +108,39 @@ def bank_recall(narrative: Narrative, trace: dict, tested: str = "memory_subject
     return float(np.mean(shares)) if shares else math.nan
 
 
+@dataclasses.dataclass(frozen=True)
+class EulerSampling:
+    """Euler steps of the flow ODE per chunk, guided by the ``uncond`` prompt [1, L, D] when ``guidance`` != 1."""
+
+    steps: int
+    guidance: float
+    uncond: torch.Tensor
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1.0
+
+
 class NarrativeRenderer:
-    """Generates narratives with one memory mode: the inference chunk loop plus per-chunk streaming decode."""
+    """Generates narratives with one memory mode: the inference chunk loop plus per-chunk streaming decode.
+    ``euler``: sample with Euler steps (a flow-matching generator) instead of the few-step list."""
 
     def __init__(self, components: Components, stream: StreamConfig, latent_size: tuple[int, int],
-                 tested: str = "memory_subjects"):  # fmt: skip
+                 tested: str = "memory_subjects", euler: EulerSampling | None = None):  # fmt: skip
         self.components = components
         self.generator = StreamingGenerator(components.dit, stream, trace=stream.uses_bank)
         self.latent_size = latent_size
         self.tested = tested
+        self.euler = euler
 
     @torch.no_grad()
     def render(self, narrative: Narrative, prompts: dict[int, torch.Tensor], seed: int) -> Rendered:
         """``prompts``: the prompt embedding [L, D] that takes over at each start frame (0 first)."""
-        gen, (lh, lw) = self.generator, self.latent_size
-        starts = {first: embedding[None] for first, embedding in prompts.items()}
+        gen, (lh, lw), euler = self.generator, self.latent_size, self.euler
+        guided = euler is not None and euler.guided
+        # guided: the conditional sample stacked over its unconditional twin, each with its own cache
+        starts = {first: torch.cat([embedding[None], euler.uncond]) if guided else embedding[None]
+                  for first, embedding in prompts.items()}  # fmt: skip
         noise_gen = torch.Generator().manual_seed(seed)
         decoder = self.components.vae.streaming_decoder()
         channels = self.components.dit.config.in_dim
@@ -125,12 +148,18 @@ class NarrativeRenderer:
         for first in range(0, narrative.num_latent_frames, gen.chunk):
             t0 = time.perf_counter()
             if first == 0:
-                gen.start(starts[0], num_frames=narrative.num_latent_frames, latent_height=lh, latent_width=lw)
+                gen.start(starts[0], num_frames=narrative.num_latent_frames, latent_height=lh, latent_width=lw,
+                          batch_size=len(starts[0]))  # fmt: skip
             elif first in starts:
                 gen.switch_prompt(starts[first])
             noise = torch.randn((1, gen.chunk, channels, lh, lw), generator=noise_gen)
-            x0 = gen.denoise_chunk(noise, generator=noise_gen)
-            gen.commit_chunk(x0, generator=noise_gen)
+            if euler is None:
+                x0 = gen.denoise_chunk(noise, generator=noise_gen)
+                gen.commit_chunk(x0, generator=noise_gen)
+            else:
+                sampled = gen.integrate_chunk(noise, euler.steps, guidance=euler.guidance)
+                gen.commit_chunk(sampled, generator=noise_gen)
+                x0 = sampled[:1]
             t1 = time.perf_counter()
             pixels.append(decoder.decode(x0)[0].float().numpy())
             decode_s += time.perf_counter() - t1
@@ -217,9 +246,11 @@ def evaluate(
     stories: str = "narratives",
     gap: int = 9,
     prompting: str | None = None,
+    sampler: dict | None = None,
 ) -> dict:
     """Generate and score ``count`` held-out narratives (or return stories) in every mode (modes interleaved per
-    story). ``prompting`` (see ``PROMPTINGS``) defaults to the kind of story's ``DEFAULT_PROMPTING``."""
+    story). ``prompting`` (see ``PROMPTINGS``) defaults to the kind of story's ``DEFAULT_PROMPTING``; ``sampler``
+    ({steps, guidance, negative_prompt}) samples with Euler steps instead of the few-step list."""
     prompting = prompting or DEFAULT_PROMPTING[stories]
     seeds = split_seeds(split, count)
     narratives = load_stories(stories, seeds, frames, gap)
@@ -228,8 +259,13 @@ def evaluate(
         plan = plan_run(cfg)
     components = build_components(plan)
     latent_size = (plan.latent_height, plan.latent_width)
+    euler = None
+    if sampler is not None:
+        with torch.no_grad():
+            uncond = components.text_encoder.encode([sampler["negative_prompt"]])
+        euler = EulerSampling(sampler["steps"], sampler["guidance"], uncond)
     renderers = {m: NarrativeRenderer(components, dataclasses.replace(plan.stream, memory=m), latent_size,
-                                      TESTED[stories]) for m in modes}  # fmt: skip
+                                      TESTED[stories], euler) for m in modes}  # fmt: skip
     oracle = Oracle()
     references = ["ground_truth", "vae_roundtrip"] if roundtrip else ["ground_truth"]
     scores: dict[str, list[dict]] = {**{r: [] for r in references}, **{m: [] for m in modes}}
@@ -264,7 +300,7 @@ def evaluate(
     return {"narratives": count, "split": split, "stories": stories, "prompting": prompting,
             "gap": gap if stories == "returns" else None,
             "latent_frames": frames, "seeds": [seeds[0], seeds[-1]], "config": str(cfg_path),
-            "overrides": list(overrides), "modes": rows}  # fmt: skip
+            "overrides": list(overrides), "sampler": sampler or "few_step", "modes": rows}  # fmt: skip
 
 
 def json_safe(value: object) -> object:
@@ -296,18 +332,36 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompts", choices=PROMPTINGS, default=None,
                         help="each segment's prompt switched in at its start (narratives' default) or all joined "
                              "into one (return stories' default)")  # fmt: skip
+    parser.add_argument("--sampler", choices=("few_step", "ode"), default="few_step",
+                        help="the generator's denoising_step_list (a distilled generator), or --steps Euler steps "
+                             "of the flow ODE (a flow-matching one, e.g. train_toy.py forcing)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=16, help="--sampler ode: Euler steps per chunk")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="--sampler ode: classifier-free guidance of the Euler steps (default 1: none)")
+    parser.add_argument("--negative_prompt", default="", help="--sampler ode: the unconditional prompt of guidance")
     args, rest = parser.parse_known_args(argv)
     if args.narratives < 1:
         raise ConfigError(f"--narratives {args.narratives}: give at least 1")
     if args.gap is not None and args.stories != "returns":
         raise ConfigError(f"--gap {args.gap}: only return stories have a set cut; add --stories returns or drop --gap")
     gap = 9 if args.gap is None else args.gap
+    sampler = None
+    if args.sampler == "ode":
+        if args.steps < 1:
+            raise ConfigError(f"--steps {args.steps}: the Euler sampler needs at least 1 step")
+        guidance = 1.0 if args.guidance is None else args.guidance
+        if guidance < 0:
+            raise ConfigError(f"--guidance {guidance:g}: give a scale >= 0 (1: unguided)")
+        sampler = {"steps": args.steps, "guidance": guidance, "negative_prompt": args.negative_prompt}
+    elif args.guidance is not None:
+        raise ConfigError(f"--guidance {args.guidance:g} with --sampler few_step: only the Euler sampler is guided; "
+                          "give --sampler ode, or drop --guidance")  # fmt: skip
     modes = parse_modes(args.modes)
     config_path, _, overrides = parse_cli(rest, str(DEFAULT_CONFIG), prog="eval_toy.py")
     torch.set_num_threads(args.threads)
     frames = DEFAULT_FRAMES[args.stories] if args.frames is None else args.frames
     result = evaluate(config_path, overrides, args.narratives, modes, frames, args.roundtrip, args.split,
-                      args.stories, gap, args.prompts)  # fmt: skip
+                      args.stories, gap, args.prompts, sampler)  # fmt: skip
     if args.json:
         print(json.dumps(json_safe(result), indent=2, allow_nan=False))
     else:

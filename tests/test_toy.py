@@ -559,6 +559,45 @@ def test_eval_scores_return_stories_from_their_joined_prompt(monkeypatch) -> Non
     assert stray.returncode == 2 and stray.stderr.strip().count("\n") == 0 and "--gap 12" in stray.stderr
 
 
+def test_eval_euler_sampler_guided_by_the_prompt_itself_is_the_unguided_sample(monkeypatch, tmp_path: Path) -> None:
+    """u + g (c - u) = c when the unconditional prompt is the conditional one: the stacked, twice-cached guided
+    video must then equal the unguided one, which checks that both halves are started, switched and committed
+    alike."""
+    eval_toy = load_eval_toy(monkeypatch)
+    torch.manual_seed(0)
+    plan = plan_run(load_config(CONFIG, [*RANDOM_WEIGHTS, f"output_folder={tmp_path}"]))
+    components = build_components(plan)
+    story = return_story_from_seed(split_seeds("validation", 1)[0], 21, 9)
+    schedule = eval_toy.prompt_schedule(story, "joined")
+    texts = list(schedule.values())
+    with torch.no_grad():
+        embedded = dict(zip(texts, components.text_encoder.encode(texts), strict=True))
+    prompts = {first: embedded[text] for first, text in schedule.items()}
+    latent_size = (plan.latent_height, plan.latent_width)
+
+    def render(guidance: float, uncond: torch.Tensor) -> np.ndarray:
+        euler = eval_toy.EulerSampling(3, guidance, uncond)
+        renderer = eval_toy.NarrativeRenderer(components, plan.stream, latent_size, euler=euler)
+        return renderer.render(story, prompts, seed=7).frames.astype(int)
+
+    plain = render(1.0, embedded[texts[0]][None])
+    assert len(texts) == 1  # one prompt over the whole story, so it can stand in for the unconditional one
+    assert np.abs(render(2.5, embedded[texts[0]][None]) - plain).max() <= 1
+    assert np.abs(render(2.5, torch.zeros_like(embedded[texts[0]][None])) - plain).max() > 8
+
+
+def test_eval_euler_sampler_flags(tmp_path: Path) -> None:
+    proc = run_script("scripts/eval_toy.py", "--stories", "returns", "--narratives", "1", "--modes", "none", "--json",
+                      "--sampler", "ode", "--steps", "2", "--guidance", "2", *RANDOM_WEIGHTS)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["sampler"] == {"steps": 2, "guidance": 2.0, "negative_prompt": ""}
+    for flags, message in ((["--guidance", "2"], "--guidance 2 with --sampler few_step"),
+                           (["--sampler", "ode", "--steps", "0"], "--steps 0"),
+                           (["--sampler", "ode", "--guidance", "-1"], "--guidance -1")):  # fmt: skip
+        bad = run_script("scripts/eval_toy.py", *flags, *RANDOM_WEIGHTS)
+        assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and message in bad.stderr, bad.stderr
+
+
 def load_eval_toy(monkeypatch):
     spec = importlib.util.spec_from_file_location("eval_toy", ROOT / "scripts" / "eval_toy.py")
     eval_toy = importlib.util.module_from_spec(spec)
