@@ -132,10 +132,10 @@ class DMDObjective:
       score of equally noisy frames barely can.
     - ``forced``: every chunk (every frame with ``per_frame_timesteps``) is noised to its own timestep and
       scored given the clean sample's earlier chunks (:func:`trainer.forcing.forced_flow`), so both scores
-      must be ``WanDiT`` models, the real one
-      a teacher-forced generator (``train_toy.py forcing``). Summed over chunks the KL of the conditionals
-      is the KL of the whole window, and each is taken over the generator's own past: the data's answer to
-      "what follows what I drew", which teacher forcing alone never asks.
+      must be ``WanDiT`` models, the real one a teacher-forced generator (``train_toy.py forcing``). Summed
+      over chunks the KL of the conditionals is the KL of the whole window, and each is taken over the
+      generator's own past: the data's answer to "what follows what I drew", which teacher forcing alone
+      never asks.
     """
 
     def __init__(
@@ -171,10 +171,12 @@ class DMDObjective:
         """(x_t, t, noise, scored frames [B, F] or None for all) with t from the score timestep sampler."""
         b, f = x0.shape[:2]
         chunk = self.chunk_frames
-        if self.score_context == "forced" and not self.per_frame_timesteps:
+        if self.per_frame_timesteps:
+            t = self.timestep_sampler(b, f, device=x0.device)
+        elif self.score_context == "forced":
             t = self.timestep_sampler(b, -(-f // chunk), device=x0.device).repeat_interleave(chunk, dim=1)[:, :f]
         else:
-            t = self.timestep_sampler(b, f if self.per_frame_timesteps else None, device=x0.device)
+            t = self.timestep_sampler(b, None, device=x0.device)
         scored = None
         if self.score_context == "clean":
             chunks = f // chunk
