@@ -335,10 +335,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sampler", choices=("few_step", "ode"), default="few_step",
                         help="the generator's denoising_step_list (a distilled generator), or --steps Euler steps "
                              "of the flow ODE (a flow-matching one, e.g. train_toy.py forcing)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=16, help="--sampler ode: Euler steps per chunk")
+    parser.add_argument("--steps", type=int, default=None, help="--sampler ode: Euler steps per chunk (default 16)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="--sampler ode: classifier-free guidance of the Euler steps (default 1: none)")
-    parser.add_argument("--negative_prompt", default="", help="--sampler ode: the unconditional prompt of guidance")
+    parser.add_argument("--negative_prompt", default=None,
+                        help="--sampler ode: the unconditional prompt of guidance (default empty)")
     args, rest = parser.parse_known_args(argv)
     if args.narratives < 1:
         raise ConfigError(f"--narratives {args.narratives}: give at least 1")
@@ -347,15 +348,19 @@ def main(argv: list[str]) -> int:
     gap = 9 if args.gap is None else args.gap
     sampler = None
     if args.sampler == "ode":
-        if args.steps < 1:
-            raise ConfigError(f"--steps {args.steps}: the Euler sampler needs at least 1 step")
+        steps = 16 if args.steps is None else args.steps
+        if steps < 1:
+            raise ConfigError(f"--steps {steps}: the Euler sampler needs at least 1 step")
         guidance = 1.0 if args.guidance is None else args.guidance
         if guidance < 0:
             raise ConfigError(f"--guidance {guidance:g}: give a scale >= 0 (1: unguided)")
-        sampler = {"steps": args.steps, "guidance": guidance, "negative_prompt": args.negative_prompt}
-    elif args.guidance is not None:
-        raise ConfigError(f"--guidance {args.guidance:g} with --sampler few_step: only the Euler sampler is guided; "
-                          "give --sampler ode, or drop --guidance")  # fmt: skip
+        sampler = {"steps": steps, "guidance": guidance, "negative_prompt": args.negative_prompt or ""}
+    else:
+        stray = [f"--{name}" for name in ("steps", "guidance", "negative_prompt") if getattr(args, name) is not None]
+        if stray:
+            raise ConfigError(f"{' '.join(stray)} with --sampler few_step: only the Euler sampler takes "
+                              f"{'them' if len(stray) > 1 else 'it'} (the few-step list is denoising_step_list); "
+                              "give --sampler ode, or drop them")  # fmt: skip
     modes = parse_modes(args.modes)
     config_path, _, overrides = parse_cli(rest, str(DEFAULT_CONFIG), prog="eval_toy.py")
     torch.set_num_threads(args.threads)

@@ -591,7 +591,9 @@ def test_eval_euler_sampler_flags(tmp_path: Path) -> None:
                       "--sampler", "ode", "--steps", "2", "--guidance", "2", *RANDOM_WEIGHTS)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["sampler"] == {"steps": 2, "guidance": 2.0, "negative_prompt": ""}
-    for flags, message in ((["--guidance", "2"], "--guidance 2 with --sampler few_step"),
+    for flags, message in ((["--guidance", "2"], "--guidance with --sampler few_step"),
+                           (["--steps", "8"], "--steps with --sampler few_step"),
+                           (["--negative_prompt", "blur"], "--negative_prompt with --sampler few_step"),
                            (["--sampler", "ode", "--steps", "0"], "--steps 0"),
                            (["--sampler", "ode", "--guidance", "-1"], "--guidance -1")):  # fmt: skip
         bad = run_script("scripts/eval_toy.py", *flags, *RANDOM_WEIGHTS)
