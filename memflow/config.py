@@ -75,6 +75,10 @@ def dit_config(preset: str, **overrides) -> DiTConfig:
     """A preset, optionally with some fields replaced (e.g. ``text_dim=384``)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown DiT preset {preset!r}; choose one of {sorted(PRESETS)}")
+    fields = {field.name for field in dataclasses.fields(DiTConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a DiT config field; choose from {sorted(fields)}")
     if "patch_size" in overrides:
         overrides["patch_size"] = tuple(overrides["patch_size"])
     return dataclasses.replace(PRESETS[preset], **overrides)

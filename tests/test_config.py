@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from memflow.config import dit_config
 from memflow.errors import ConfigError, MemFlowError
 from utils.config import (
     get_field,
@@ -150,6 +151,20 @@ def test_layered_config_merges(tmp_path, defaults):
     assert cfg.model_kwargs.bank_size == 2
     assert cfg.model_kwargs.local_attn_size == 12
     assert cfg.run_name == "run_7"
+
+
+def test_model_overrides_take_any_dit_field_and_the_dit_config_names_an_unknown_one(tmp_path):
+    """model_overrides is passed whole to the DiT config: the YAML's ``{}`` must not make every field unknown."""
+    cfg = load_config(ROOT / "configs/inference.yaml", ["model_overrides.text_dim=384"])
+    assert dict(cfg.model_overrides) == {"text_dim": 384}
+    cfg = load_config(ROOT / "configs/toy/interactive_inference.yaml", ["model_overrides={patch_size: [1, 1, 1]}"])
+    assert list(cfg.model_overrides.patch_size) == [1, 1, 1] and cfg.model_overrides.text_dim == 384
+    run = write(tmp_path, "run.yaml", "model_overrides:\n  text_dim: 384\n")
+    assert load_config(run, [], defaults_path=ROOT / "configs/inference.yaml").model_overrides.text_dim == 384
+    with pytest.raises(ConfigError, match="must be an integer"):
+        load_config(ROOT / "configs/toy/interactive_inference.yaml", ["model_overrides.text_dim=wide"])
+    with pytest.raises(ValueError, match="'text_dimm' is not a DiT config field"):
+        dit_config("tiny", text_dimm=384)
 
 
 def test_missing_config_file_names_path(tmp_path):

@@ -456,6 +456,8 @@ def test_teacher_snapshots_equal_shorter_runs(tmp_path: Path) -> None:
                                         ("forcing", "settings.chunk_noise=0.5"),
                                         ("forcing", "return_gap=20"),
                                         ("forcing", "settings.stream={memory: bogus}"),
+                                        ("teacher", "model_overrides.text_dimm=384"),
+                                        ("forcing", "model_overrides.text_dimm=384"),
                                         ("vae", "validation_narratives=-1"),
                                         ("vae", "validation_narrative_frames=9")])  # fmt: skip
 def test_toy_stages_reject_bad_settings_and_write_nothing(tmp_path: Path, stage: str, bad: str) -> None:

@@ -25,6 +25,9 @@ from memflow.errors import ConfigError, MemFlowError
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*$")
 _MISSING = object()
+# Mappings passed whole to a constructor that checks their keys itself (``model_overrides`` to the DiT config,
+# which names the unknown field): any of its fields may be set here, not only those the YAML happens to list.
+OPEN_MAPPINGS = frozenset({"model_overrides"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +213,8 @@ def load_config(
 
     The first YAML loaded defines the known keys; every later key must exist there (unknown keys
     are rejected with the closest known one) and keep the default's kind (an integer stays an
-    integer; null is always allowed). Interpolations (``${...}``) are resolved when read.
+    integer; null is always allowed). Entries of :data:`OPEN_MAPPINGS` are exempt from the first rule:
+    their consumer checks them. Interpolations (``${...}``) are resolved when read.
     """
     base = _load_yaml(path, "config file") if defaults_path is None else _load_yaml(defaults_path, "defaults")
     known = cast(dict, OmegaConf.to_container(base, resolve=False))
@@ -223,7 +227,7 @@ def load_config(
         key, value = _parse_override(token)
         default = _lookup(known, key)
         source = f"override {token!r}"
-        if default is _MISSING:
+        if default is _MISSING and not _in_open_mapping(key):
             raise _prefixed(source, _unknown_key(key, known))
         nested = isinstance(default, dict) and isinstance(value, dict)
         if nested:
@@ -237,6 +241,12 @@ def load_config(
     return cfg
 
 
+def _in_open_mapping(dotted: str) -> bool:
+    """Whether ``dotted`` names an entry inside one of :data:`OPEN_MAPPINGS`."""
+    parts = dotted.split(".")
+    return any(".".join(parts[:n]) in OPEN_MAPPINGS for n in range(1, len(parts)))
+
+
 def _prefixed(source: str, err: ConfigError) -> ConfigError:
     return ConfigError(f"{source}: {err}")
 
@@ -246,6 +256,8 @@ def _check_tree(known: dict, values: dict, source: str, root: dict, prefix: str 
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in known:
+            if _in_open_mapping(dotted):
+                continue
             raise _prefixed(source, _unknown_key(dotted, root))
         default = known[key]
         if isinstance(default, dict) and isinstance(value, dict):
