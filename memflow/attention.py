@@ -29,6 +29,40 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def routed_attention(
+    q: torch.Tensor,
+    memory_k: torch.Tensor,
+    memory_v: torch.Tensor,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    chosen: torch.Tensor,
+) -> torch.Tensor:
+    """SMA's attention: each query sees its routed memory frames and the whole local window.
+
+    q [B, H, Lq, D]; memory_k/v [B, H, M, T, D] (M frames of T tokens); window_k/v [B, H, W, D].
+    ``chosen`` holds memory frame indices: [B, H, k] routes every query alike, [B, H, n, k] routes
+    each of n query frames (Lq // n tokens) on its own. Only the chosen frames are gathered, so the
+    cost grows with k, not M, and no mask keeps the flash path closed.
+    """
+    t, d = memory_k.shape[-2:]
+    if chosen.dim() == 3:
+        index = chosen[..., None, None].expand(-1, -1, -1, t, d)
+        keys = torch.cat([torch.gather(memory_k, 2, index).flatten(2, 3), window_k], 2)
+        values = torch.cat([torch.gather(memory_v, 2, index).flatten(2, 3), window_v], 2)
+        return attention(q, keys, values)
+    heads, n = q.shape[1], chosen.shape[2]
+    index = chosen[..., None, None].expand(-1, -1, -1, -1, t, d)  # [B, H, n, k, T, D]
+
+    def per_query_frame(memory: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        routed = torch.gather(memory[:, :, None].expand(-1, -1, n, -1, -1, -1), 3, index).flatten(3, 4)
+        return torch.cat([routed, window[:, :, None].expand(-1, -1, n, -1, -1)], 3).flatten(1, 2)
+
+    # the query frames become extra heads, each over its own keys: [B, H * n, Lq // n, D]
+    out = attention(q.unflatten(2, (n, -1)).flatten(1, 2), per_query_frame(memory_k, window_k),
+                    per_query_frame(memory_v, window_v))
+    return out.unflatten(1, (heads, n)).flatten(2, 3)
+
+
 def block_causal_mask(
     num_frames: int, frame_tokens: int, block_frames: int, device: torch.device | str | None = None
 ) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import attention
+from .attention import attention, routed_attention
 from .config import StreamConfig
 from .dit import TextKV
 from .memory import MemoryBank, select_memory_frames
@@ -270,7 +270,6 @@ class StreamingContext:
     ) -> torch.Tensor:
         """SMA: each head attends to its ``top_k`` most relevant memory frames plus the window."""
         t = self.frame_tokens
-        b, h, _, d = q.shape
         memory_k = keys[:, :, lo:mid].unflatten(2, (-1, t))  # [B, H, M, T, D]: bank then sink
         memory_v = values[:, :, lo:mid].unflatten(2, (-1, t))
         frames = memory_k.shape[2]
@@ -279,18 +278,7 @@ class StreamingContext:
         chosen = select_memory_frames(q, memory_k, top_k, per_frame)
         if trace:
             self.traces[-1].sma.append(self._memory_frame_ids(layer, chosen))
-        window_k, window_v = keys[:, :, mid:hi], values[:, :, mid:hi]
-        if per_frame is None:
-            index = chosen[..., None, None].expand(-1, -1, -1, t, d)
-            sel_k = torch.gather(memory_k, 2, index).flatten(2, 3)
-            sel_v = torch.gather(memory_v, 2, index).flatten(2, 3)
-            return attention(q, torch.cat([sel_k, window_k], 2), torch.cat([sel_v, window_v], 2))
-        allowed = torch.zeros(b, h, chosen.shape[2], frames, dtype=torch.bool, device=q.device)
-        allowed.scatter_(-1, chosen, True)
-        memory_mask = allowed.repeat_interleave(t, dim=2).repeat_interleave(t, dim=3)
-        window_mask = memory_mask.new_ones(b, h, q.shape[2], hi - mid)
-        mask = torch.cat([memory_mask, window_mask], dim=3)
-        return attention(q, keys[:, :, lo:hi], values[:, :, lo:hi], mask)
+        return routed_attention(q, memory_k, memory_v, keys[:, :, mid:hi], values[:, :, mid:hi], chosen)
 
     def _memory_frame_ids(self, layer: int, chosen: torch.Tensor) -> torch.Tensor:
         """Map memory indices (visible bank slots in buffer order, then the sink) to frame ids."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memflow import StreamConfig, build_dit
-from memflow.attention import block_causal_mask, sliding_block_mask
+from memflow.attention import attention, block_causal_mask, routed_attention, sliding_block_mask
 from memflow.context import StreamingContext
 from pipeline.streaming import StreamingGenerator
 from trainer.forcing import forced_flow, streamed_flow
@@ -240,6 +240,27 @@ def test_sma_with_all_frames_equals_nam(dit, reference):
     sparse, gen = _generate(dit, sma, 36, prompts, switches, trace=True)
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
     assert any(tr.sma for tr in gen.context.traces)
+
+
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_routed_attention_equals_dense_attention_masked_to_the_routed_frames(per_frame):
+    """Gathering the chosen memory frames is the masked dense attention of the definition; all frames = no mask."""
+    g = torch.Generator().manual_seed(0)
+    b, h, n, t, d, frames, window, k = 2, 3, 3, 4, 8, 5, 6, 2
+    q = torch.randn(b, h, n * t, d, generator=g)
+    memory_k, memory_v = torch.randn(2, b, h, frames, t, d, generator=g)
+    window_k, window_v = torch.randn(2, b, h, window, d, generator=g)
+    shape = (b, h, n, frames) if per_frame else (b, h, frames)
+    chosen = torch.rand(shape, generator=g).topk(k, dim=-1).indices.sort(dim=-1).values
+    allowed = torch.zeros(shape, dtype=torch.bool).scatter_(-1, chosen, True)
+    rows = allowed.repeat_interleave(t, dim=2) if per_frame else allowed[:, :, None].expand(-1, -1, n * t, -1)
+    mask = torch.cat([rows.repeat_interleave(t, dim=3), torch.ones(b, h, n * t, window, dtype=torch.bool)], 3)
+    keys, values = torch.cat([memory_k.flatten(2, 3), window_k], 2), torch.cat([memory_v.flatten(2, 3), window_v], 2)
+    routed = routed_attention(q, memory_k, memory_v, window_k, window_v, chosen)
+    torch.testing.assert_close(routed, attention(q, keys, values, mask), atol=1e-6, rtol=1e-5)
+    every = torch.arange(frames).expand(*shape[:-1], -1)
+    torch.testing.assert_close(routed_attention(q, memory_k, memory_v, window_k, window_v, every),
+                               attention(q, keys, values), atol=1e-6, rtol=1e-5)
 
 
 def test_sma_with_fewer_frames_changes_the_output(dit):
