@@ -45,6 +45,7 @@ from trainer.teacher_train import (  # noqa: E402
 from trainer.vae_train import (  # noqa: E402
     VAESettings,
     VAETrainer,
+    attribute_contrast,
     colour_probe,
     reconstruction_error,
     roundtrip_report,
@@ -166,12 +167,14 @@ def train_vae(argv: list[str]) -> int:
     frames = int(cfg.validation_latent_frames)
     recon = reconstruction_error(vae, split_seeds("validation", 8), frames)
     probe = colour_probe(vae, split_seeds("validation", 300))
+    contrast = attribute_contrast(vae)
     errors = recon.per_frame
     half = len(errors) // 2
     summary = {"val_abs_error_255": float(np.mean(errors)), "val_first_half": float(np.mean(errors[:half])),
                "val_second_half": float(np.mean(errors[half:])), "val_subjects": recon.subjects,
                "val_background": recon.background, "val_colour_probe": probe.accuracy,
-               "val_colour_chance": probe.chance, "latent_std_mean": float(np.mean(std))}  # fmt: skip
+               "val_colour_chance": probe.chance, "latent_std_mean": float(np.mean(std)),
+               **{f"val_contrast_{change}": value for change, value in contrast.items()}}  # fmt: skip
     if count > 0:
         roundtrip = roundtrip_report(vae, split_seeds("validation", count), narrative_frames)
         summary.update({f"val_roundtrip_{k}": v for k, v in roundtrip.items() if not k.endswith("_tests")})
@@ -182,7 +185,8 @@ def train_vae(argv: list[str]) -> int:
     print(f"vae: wrote {out} (validation error over {frames} latent frames {summary['val_abs_error_255']:.2f}/255: "
           f"first half {summary['val_first_half']:.2f}, second half {summary['val_second_half']:.2f}; "
           f"subjects {recon.subjects:.2f}, background {recon.background:.2f}; subject colour read from the latents "
-          f"{probe.accuracy:.2f}, chance {probe.chance:.2f})")  # fmt: skip
+          f"{probe.accuracy:.2f}, chance {probe.chance:.2f}; latent contrast of a subject's shape "
+          f"{contrast['shape']:.2f}, colour {contrast['colour']:.2f}, 1-pixel move {contrast['moved_1px']:.2f})")
     return 0
 
 

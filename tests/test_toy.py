@@ -37,9 +37,11 @@ from trainer.teacher_train import (
     sample_timesteps,
 )
 from trainer.vae_train import (
+    CONTRAST_CHANGES,
     CausalCaches,
     VAESettings,
     VAETrainer,
+    attribute_contrast,
     clip_video,
     colour_probe,
     foreground_weights,
@@ -201,6 +203,20 @@ def test_colour_probe_reads_colour_only_from_latents_that_carry_it() -> None:
     assert kept.accuracy > 0.8 and lost.accuracy < kept.accuracy - 0.5
     with pytest.raises(ValueError, match="more seeds"):
         colour_probe(_PooledPixels(), seeds[:3])
+
+
+class _Zero:
+    """A stand-in VAE whose latents are all zero: it sees no subject."""
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(video.shape[0], 1, 16, 8, 8)
+
+
+def test_attribute_contrast_orders_what_latents_keep_and_is_zero_for_latents_that_see_nothing() -> None:
+    pooled, blind = attribute_contrast(_PooledPixels()), attribute_contrast(_Zero())
+    assert set(pooled) == set(CONTRAST_CHANGES) and all(value == 0.0 for value in blind.values())
+    assert pooled["colour"] > pooled["shape"] > 0.0 and pooled["moved_2px"] > pooled["moved_1px"] > 0.0
+    assert attribute_contrast(_PooledPixels(), count=4, seed=1) == attribute_contrast(_PooledPixels(), count=4, seed=1)
 
 
 def test_posterior_mean_decoding_is_deterministic() -> None:
