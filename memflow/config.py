@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 MEMORY_MODES = ("none", "nam", "nam_sma", "full")
 BANK_RECORD_POLICIES = ("latest", "first")
 
@@ -82,6 +84,14 @@ def dit_config(preset: str, **overrides) -> DiTConfig:
     if "patch_size" in overrides:
         overrides["patch_size"] = tuple(overrides["patch_size"])
     return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def run_dit_config(preset: str, overrides: dict) -> DiTConfig:
+    """:func:`dit_config` for a run config's ``model`` and ``model_overrides``: a bad one is a ConfigError."""
+    try:
+        return dit_config(preset, **overrides)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model_overrides={overrides}: {err}") from None
 
 
 @dataclass(frozen=True)

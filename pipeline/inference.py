@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
-from memflow.config import BANK_RECORD_POLICIES, MEMORY_MODES, PRESETS, DiTConfig, StreamConfig, dit_config
+from memflow.config import BANK_RECORD_POLICIES, MEMORY_MODES, PRESETS, DiTConfig, StreamConfig, run_dit_config
 from memflow.dit import WanDiT, build_dit
 from memflow.errors import ConfigError, WeightsError
 from memflow.text import UMT5_PRESETS, WAN_T5_FILE, WAN_TOKENIZER_DIR, TextEncoder
@@ -336,10 +336,7 @@ def plan_run(cfg: DictConfig, *, rank: int = 0, world_size: int = 1, local_rank:
     overrides = get_field(cfg, "model_overrides")
     if not isinstance(overrides, dict):
         raise ConfigError(f"model_overrides must be a mapping like {{text_dim: 384}}, got {overrides!r}")
-    try:
-        dit = dit_config(model, **overrides)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model_overrides={overrides}: {err}") from None
+    dit = run_dit_config(model, overrides)
     stride = vae_spatial_stride(require_choice(cfg, "vae", sorted(VAE_PRESETS)))
     _, patch_h, patch_w = dit.patch_size
     why = f"the VAE downsamples {stride}x and the DiT patches {{}} latents"

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import register_fsdp_forward_method
 
-from memflow.config import PRESETS, DiTConfig, StreamConfig, dit_config
+from memflow.config import PRESETS, DiTConfig, StreamConfig, dit_config, run_dit_config
 from memflow.dit import WanDiT, build_dit
 from memflow.errors import ConfigError, WeightsError
 from memflow.scheduler import FlowMatchScheduler
@@ -210,10 +210,7 @@ def _adapter(cfg: DictConfig) -> AdapterSettings | None:
 def _dit_layouts(cfg: DictConfig, overrides: dict, roles: Sequence[str]) -> tuple[DiTConfig, dict[str, str]]:
     """Generator layout and the presets of ``roles`` (``real``, ``fake``), checked to share latents and text."""
     model = require_choice(cfg, "model", sorted(PRESETS))
-    try:
-        dit = dit_config(model, **overrides)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model_overrides={overrides}: {err}") from None
+    dit = run_dit_config(model, overrides)
     presets = {role: preset_name(cfg, f"{role}_name") for role in roles}
     for role, preset in presets.items():
         key = f"{role}_name"
