@@ -420,16 +420,17 @@ def roundtrip_report(vae: WanVAE, seeds: Sequence[int], latent_frames: int) -> d
     return oracle.aggregate(scores)
 
 
-CONTRAST_CHANGES = ("shape", "pattern", "size", "colour", "moved_1px", "moved_2px")
+ATTRIBUTE_VALUES = {"shape": SHAPES, "pattern": PATTERNS, "size": tuple(SIZES), "colour": tuple(COLOURS)}
+MOVES = {"moved_1px": 1.0, "moved_2px": 2.0}  # pixels to the right
+CONTRAST_CHANGES = (*ATTRIBUTE_VALUES, *MOVES)
 TOUCHED = 0.3  # latent RMS over channels by which a cell must differ from the empty scene to count as the subject's
 
 
 def _changed(subject: Subject, change: str, rng: np.random.Generator) -> Subject:
-    """``subject`` with one attribute replaced by another value of it (a move keeps the subject)."""
-    if change not in ("shape", "pattern", "size", "colour"):
+    """``subject`` with attribute ``change`` replaced by another of its values; any other change keeps it."""
+    if change not in ATTRIBUTE_VALUES:
         return subject
-    values = {"shape": SHAPES, "pattern": PATTERNS, "size": tuple(SIZES), "colour": tuple(COLOURS)}[change]
-    others = [v for v in values if v != subject.attribute(change)]
+    others = [v for v in ATTRIBUTE_VALUES[change] if v != subject.attribute(change)]
     return replace(subject, **{change: others[int(rng.integers(len(others)))]})
 
 
@@ -449,7 +450,7 @@ def attribute_contrast(vae: WanVAE, count: int = 24, seed: int = 0) -> dict[str,
         x, y = (float(v) for v in rng.uniform(r + 2, SIZE - r - 4, size=2))
         shots = [Shot(scene)]
         for change in ("none", *CONTRAST_CHANGES):
-            shifted = x + {"moved_1px": 1.0, "moved_2px": 2.0}.get(change, 0.0)
+            shifted = x + MOVES.get(change, 0.0)
             shown = _changed(subject, change, rng)
             radius = SIZES[shown.size]
             shots.append(Shot(scene, (Actor(0, shown, Motion("still", shifted, y, shifted, y, radius, radius)),)))
