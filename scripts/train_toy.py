@@ -51,6 +51,7 @@ from trainer.vae_train import (  # noqa: E402
     roundtrip_report,
 )
 from utils.atomic import atomic_path  # noqa: E402
+from utils.checkpoint import CheckpointManager, load_checkpoint  # noqa: E402
 from utils.config import ScriptParser, load_config, parse_cli, run_cli, to_container  # noqa: E402
 from utils.world import (  # noqa: E402
     CHUNK_FRAMES,
@@ -265,14 +266,18 @@ def package(argv: list[str]) -> int:
                  stage2 / "lora.pt"):  # fmt: skip
         if not path.is_file():
             raise ConfigError(f"package: {path} is missing; run the earlier stages first")
-    cfg = load_config(ROOT / "configs/toy/train_long.yaml")
-    overrides = to_container(cfg.model_overrides)
-    generator = load_dit(stage1 / "base.pt", str(cfg.model), **overrides)
-    generator = apply_lora(generator, stage2 / "lora.pt", int(cfg.adapter.rank), float(cfg.adapter.alpha), merge=True)
+    latest = CheckpointManager(stage2).latest()
+    if latest is None:
+        raise ConfigError(f"package: {stage2} holds no checkpoint_*.pt to read the run's model and adapter from; "
+                          "give the logdir of stage 2 (train.py --stage long)")
+    run = load_checkpoint(latest)["identity"]  # the layout stage 2 trained, whatever the toy configs say now
+    model, overrides, adapter = str(run["model"]), dict(run["model_overrides"]), run["adapter"]
+    generator = load_dit(stage1 / "base.pt", model, **overrides)
+    generator = apply_lora(generator, stage2 / "lora.pt", int(adapter["rank"]), float(adapter["alpha"]), merge=True)
     state = {k: v.detach().float().contiguous() for k, v in generator.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "generator.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"model": str(cfg.model), "overrides": json.dumps(overrides)})
+        save_file(state, str(tmp), metadata={"model": model, "overrides": json.dumps(overrides)})
     for part in ("vae/config.json", f"vae/{WEIGHTS_FILE}", f"transformer/{WEIGHTS_FILE}"):
         (out / part).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(release / part, out / part)

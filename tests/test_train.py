@@ -280,3 +280,40 @@ def test_cli_errors_are_one_line_with_exit_2_and_other_runs_are_protected(tmp_pa
         train("init", run, "max_iters=2", "vis_interval=0", "seed=1")
     with pytest.raises(ConfigError, match="belongs to a different run"):
         train("init", run, "max_iters=2", "vis_interval=0", "seed=1", "--resume")
+
+
+def test_package_merges_the_lora_into_the_layout_stage2_trained_and_needs_its_checkpoint(tmp_path):
+    """``train_toy.py package`` reads the model and adapter from stage 2's own checkpoint, not from the toy configs
+    (whose layout, 128 wide, differs from the tiny configs' here), and refuses a stage-2 folder without one."""
+    from memflow.weights import apply_lora
+
+    train("ode_init", tmp_path / "ode")
+    base = tmp_path / "ode" / "base.pt"
+    train("long", tmp_path / "long", "vis_interval=0", "max_iters=2", "save_interval=2", f"generator_ckpt={base}")
+    release = tmp_path / "release"
+    for part in ("vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+                 "transformer/diffusion_pytorch_model.safetensors"):  # fmt: skip
+        (release / part).parent.mkdir(parents=True, exist_ok=True)
+        (release / part).write_text("{}")
+
+    def package(stage2: Path, out: Path) -> subprocess.CompletedProcess:
+        command = [str(PYTHON), str(ROOT / "scripts" / "train_toy.py"), "package", "--release", str(release),
+                   "--stage1", str(tmp_path / "ode"), "--stage2", str(stage2), "--out", str(out), "--command", "test"]
+        return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+
+    proc = package(tmp_path / "long", tmp_path / "pkg")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = load_config(TINY / "train_long.yaml")
+    expected = load_dit(base, "tiny", text_dim=384, text_len=64)
+    expected = apply_lora(expected, tmp_path / "long" / "lora.pt", int(cfg.adapter.rank), float(cfg.adapter.alpha),
+                          merge=True)  # fmt: skip
+    packed = load_file(tmp_path / "pkg" / "generator.safetensors")
+    assert packed.keys() == expected.state_dict().keys()
+    assert all(torch.equal(packed[k], v.float()) for k, v in expected.state_dict().items())
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "lora.pt").write_bytes((tmp_path / "long" / "lora.pt").read_bytes())
+    proc = package(bare, tmp_path / "pkg2")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "holds no checkpoint" in proc.stderr
+    assert not (tmp_path / "pkg2").exists()
