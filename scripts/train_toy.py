@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from memflow.config import run_dit_config  # noqa: E402
 from memflow.errors import ConfigError  # noqa: E402
 from memflow.text import TextEncoder  # noqa: E402
 from memflow.vae import WanVAE  # noqa: E402
@@ -214,7 +213,6 @@ def train_flow(argv: list[str], stage: str, trainer_class: type[TeacherTrainer])
         raise ConfigError(f"snapshot_every={snapshot_every}: must be >= 0 (0 = no snapshots)")
     torch.set_num_threads(int(cfg.threads))
     overrides_dit = to_container(cfg.model_overrides)
-    run_dit_config(str(cfg.model), overrides_dit)  # checked before minutes of encoding the cache
     settings = trainer_class.Settings(preset=str(cfg.model), overrides=overrides_dit, **to_container(cfg.settings))
     init_from = None if cfg.init_from is None else Path(cfg.init_from)
     init_state = None if init_from is None else read_teacher(init_from, settings)  # before minutes of encoding

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from memflow.config import run_dit_config
 from memflow.dit import WanDiT, build_dit
 from memflow.errors import ConfigError, WeightsError
 from memflow.scheduler import FlowMatchScheduler
@@ -160,6 +161,7 @@ class TeacherSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        run_dit_config(self.preset, self.overrides)  # a bad field fails here, before minutes of cache encoding
         if self.subject_weight < 0:
             raise ConfigError(f"teacher settings.subject_weight={self.subject_weight}: must be >= 0 (0 = plain MSE)")
         if not 0 <= self.chunk_noise <= 1:
