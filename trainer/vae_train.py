@@ -446,8 +446,8 @@ def attribute_contrast(vae: WanVAE, count: int = 24, seed: int = 0) -> dict[str,
     sums = dict.fromkeys(CONTRAST_CHANGES, 0.0)
     for _ in range(count):
         subject, scene = random_subject(rng), SCENES[int(rng.integers(len(SCENES)))]
-        r = SIZES["large"]
-        x, y = (float(v) for v in rng.uniform(r + 2, SIZE - r - 4, size=2))
+        r = max(SIZES.values())  # room for any size and the largest move inside the frame
+        x, y = (float(v) for v in rng.uniform(r + 2, SIZE - r - 2 - max(MOVES.values()), size=2))
         shots = [Shot(scene)]
         for change in ("none", *CONTRAST_CHANGES):
             shifted = x + MOVES.get(change, 0.0)
