@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from utils.errors import ConfigError
 
 MEMORY_MODES = ("none", "nam", "nam_sma", "full")
 BANK_RECORD_POLICIES = ("latest", "first")

@@ -270,13 +270,11 @@ class WanDiT(nn.Module):
         return self._unpatchify(out.float(), h, w)
 
 
-def build_dit(preset: str = "wan2.1-t2v-1.3b", *, causal: bool = True, **overrides) -> WanDiT:
+def build_dit(preset: str = "wan2.1-t2v-1.3b", **overrides) -> WanDiT:
     """Build a Wan DiT from a preset name (keyword overrides replace config fields).
 
-    ``causal`` only records intent: the same module serves the teacher / critic (bidirectional
-    forward) and the streaming generator (forward with a ``StreamingContext``). Works under
-    ``torch.device("meta")`` for shape-only checks and zero-copy loading.
+    The same module serves the teacher / critic (bidirectional forward) and the streaming generator
+    (forward with a ``StreamingContext``). Works under ``torch.device("meta")`` for shape-only checks
+    and zero-copy loading.
     """
-    model = WanDiT(dit_config(preset, **overrides))
-    model.causal = causal
-    return model
+    return WanDiT(dit_config(preset, **overrides))

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
-from .errors import ConfigError, MemFlowError, WeightsError
+from utils.errors import ConfigError, MemFlowError, WeightsError
+
 from .weights import (
     DOWNLOAD_HINTS,
     assign_exact,

@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-from .errors import ConfigError, WeightsError
+from utils.errors import ConfigError, WeightsError
+
 from .weights import DOWNLOAD_HINTS, assign_exact, read_safetensors, read_torch_file, rename, require_file
 
 WAN_VAE_FILE = "Wan2.1_VAE.pth"

@@ -26,8 +26,9 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from utils.errors import WeightsError
+
 from .dit import WanDiT, build_dit
-from .errors import WeightsError
 
 Shape = tuple[int, ...]
 
@@ -230,11 +231,16 @@ def diffusers_dit_key(key: str) -> str:
     return key
 
 
-def strip_wrapper_key(key: str) -> str:
-    """Drop FSDP / compile / checkpoint wrapper parts and one leading ``model.`` from a name."""
+def _strip_wrappers(key: str) -> str:
+    """Drop the FSDP / compile / checkpoint wrapper parts of a parameter name."""
     for part in _WRAPPER_PARTS:
         key = key.replace(part, "")
-    return key.removeprefix("model.")
+    return key
+
+
+def strip_wrapper_key(key: str) -> str:
+    """Drop wrapper parts and one leading ``model.`` (the release's ``base.pt`` prefix) from a name."""
+    return _strip_wrappers(key).removeprefix("model.")
 
 
 def is_diffusers_dit(keys: Iterable[str]) -> bool:
@@ -312,12 +318,11 @@ def load_dit(
     entry: str = "generator",
     dtype: torch.dtype | None = torch.float32,
     device: torch.device | str = "cpu",
-    causal: bool = True,
     **overrides,
 ) -> WanDiT:
     """Build ``preset`` on the meta device and assign the weights found at ``path`` into it."""
     with torch.device("meta"):
-        model = build_dit(preset, causal=causal, **overrides)
+        model = build_dit(preset, **overrides)
     file = dit_weights_file(path, preset)
     assign_exact(model, read_dit_state_dict(file, entry, dtype), str(file))
     return model.to(device)
@@ -332,14 +337,18 @@ def lora_target_modules(model: nn.Module) -> list[str]:
     return [name for name, mod in model.named_modules() if name.startswith("blocks.") and isinstance(mod, nn.Linear)]
 
 
-def attach_lora(model: WanDiT, rank: int, alpha: float, dropout: float = 0.0) -> PeftModel:
-    """Wrap ``model`` with fresh LoRA adapters (peft) on every linear layer of its blocks.
+def lora_config(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> LoraConfig:
+    """The release's adapter layout: LoRA of ``rank`` / ``alpha`` on every linear layer of the blocks."""
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_modules(model))
 
-    Built with ``low_cpu_mem_usage``: adapter weights stay on the meta device until assigned
-    (``load_lora_weights``) or initialised (``PeftModel`` training code).
+
+def attach_lora(model: WanDiT, rank: int, alpha: float, dropout: float = 0.0) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters (peft) whose weights stay on the meta device until assigned.
+
+    For loading a saved adapter (``load_lora_weights``); training attaches initialised ones with
+    :func:`lora_config` and ``get_peft_model``.
     """
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_modules(model))
-    return get_peft_model(model, config, low_cpu_mem_usage=True)
+    return get_peft_model(model, lora_config(model, rank, alpha, dropout), low_cpu_mem_usage=True)
 
 
 def read_lora_state_dict(source: Path | Mapping, entry: str = "generator_lora") -> dict[str, torch.Tensor]:
@@ -355,9 +364,7 @@ def read_lora_state_dict(source: Path | Mapping, entry: str = "generator_lora") 
     state = select_entry(source, entry, path, LORA_ENTRIES)
     out = {}
     for key, value in state.items():
-        name = key
-        for part in _WRAPPER_PARTS:
-            name = name.replace(part, "")
+        name = _strip_wrappers(key)
         out[name if name.startswith(_PEFT_PREFIX) else _PEFT_PREFIX + name] = value
     return out
 

@@ -6,7 +6,7 @@ A video is produced chunk by chunk (``num_frame_per_block`` latent frames each):
   bank, window) and none writes it;
 * ``commit_chunk``: run the model once more on the finished chunk at ``context_noise`` to write
   its keys/values into the cache (and record its prototype for the memory bank); the chunk may
-  also be given instead of sampled (a true past, as teacher forcing and the probes have it);
+  also be given instead of sampled (a true past, as the probes give it);
 * before a chunk's first call of either kind, the bank takes in the pending prototype, once;
 * ``switch_prompt``: new text conditioning, then the KV re-cache of the most recent frames.
 """
@@ -157,52 +157,6 @@ class StreamingGenerator:
             eps = renoise(self.frame // self.chunk, step) if renoise else _randn_like(x0, generator)
             x = self.scheduler.add_noise(x0, eps.to(x0.device, x0.dtype), self._t(x0, next_t))
         raise AssertionError("unreachable")
-
-    def integrate_chunk(
-        self,
-        noise: torch.Tensor,
-        steps: int,
-        *,
-        guidance: float = 1.0,
-        on_step: Callable[[int, torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """Sample the next chunk by Euler steps of the flow ODE, uniform on the shifted grid: the sampler for a
-        generator trained by flow matching (``trainer.forcing``), where the few-step list of ``denoise_chunk``,
-        which re-noises each step's x0 prediction, suits a distilled one. ``on_step(step, x0)`` as there.
-
-        ``guidance`` g != 1 is classifier-free guidance, as the teacher samples: the video was started with the
-        conditional prompts of its B samples stacked over their unconditional ones (batch 2B, each half with
-        its own cache), ``noise`` is [B, ...], each step follows ``u + g (c - u)``, and the chunk comes back
-        stacked twice, to be committed as it is; its first half is the sample."""
-        if noise.shape[1] != self.chunk:
-            raise ValueError(f"a chunk has {self.chunk} latent frames, got {noise.shape[1]}")
-        guided = guidance != 1.0
-        if guided and 2 * noise.shape[0] != self.batch:
-            raise ValueError(f"guided sampling of {noise.shape[0]} samples needs a video started with "
-                             f"{2 * noise.shape[0]} prompts (conditional over unconditional)")  # fmt: skip
-        n = self.scheduler.num_train_timesteps
-        timesteps = self.scheduler.warp(torch.linspace(n, 0, steps + 1).tolist()).to(noise.device)
-        self._enter_chunk()
-        x = noise.repeat(2, 1, 1, 1, 1) if guided else noise
-        with torch.no_grad():
-            for step in range(steps):
-                t, next_t = timesteps[step], timesteps[step + 1]
-                flow = self._forward(x, self.frame, t, "denoise")
-                if guided:
-                    cond, uncond = flow.chunk(2)
-                    flow = (uncond + guidance * (cond - uncond)).repeat(2, 1, 1, 1, 1)
-                if on_step is not None:
-                    on_step(step, self.scheduler.flow_to_x0(flow, x, self._t(x, t))[: noise.shape[0]])
-                x = x + (next_t - t) / n * flow
-        return x
-
-    def chunk_flow(self, x: torch.Tensor, t: torch.Tensor, text_kv: TextKV | None = None) -> torch.Tensor:
-        """One model call on the next chunk ``x`` [B, chunk, C, H, W] at timesteps ``t`` [B]: its flow given what
-        the cache holds, under autograd when enabled. ``text_kv`` (default: the cached prompt's) may be computed
-        under autograd, once per video, so the text path trains. Teacher forcing under a memory policy
-        (``trainer.forcing.streamed_flow``) trains with it."""
-        self._enter_chunk()
-        return self._forward(x, self.frame, t[:, None], "denoise", text_kv)
 
     def commit_chunk(self, x0: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
         """Write the finished chunk into the cache with one clean pass at ``context_noise``."""

@@ -6,6 +6,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="$ROOT/.venv/bin/python"
 [ -x "$PYTHON" ] || PYTHON=python
+# this checkout's packages, whichever copy of them the interpreter has installed
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 SCRIPT="$ROOT/$1"
 shift
 if [ "${NPROC:-1}" -gt 1 ]; then

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,12 @@ GOLDEN = SHARED / "golden"
 MANIFESTS = SHARED / "manifests"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    """``python ARGS`` from the repository root in a bare environment: one thread, this checkout's packages."""
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def require(path: Path) -> Path:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from memflow.errors import ConfigError
+from utils.errors import ConfigError
 
 
 class EMA:

@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from memflow.attention import block_causal_mask
-from memflow.errors import ConfigError, WeightsError
 from memflow.scheduler import FlowMatchScheduler
 from utils.atomic import atomic_path
+from utils.errors import ConfigError, WeightsError
 
 from .dmd import ScoreModel, classifier_free_guidance
 

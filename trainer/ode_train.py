@@ -22,30 +22,23 @@ from memflow.text import TextEncoder
 from utils.checkpoint import capture_rng_state, restore_rng_state
 from utils.distributed import all_reduce_mean, barrier
 
-from .distill import (
-    Networks,
-    PromptData,
-    TrainPlan,
+from .data import PromptData
+from .ema import EMA
+from .networks import Networks, adamw, autocast, load_score_model, shard
+from .ode_init import ODEPairDataset, generate_ode_pairs, ode_regression_loss, save_ode_shard
+from .plan import TrainPlan
+from .rollout import ChunkNoise, Purpose, derive_seed
+from .state import (
     TrainState,
-    adamw,
-    autocast,
     base_export,
     load_optimizer_state,
-    load_score_model,
     load_trainable_state,
     lora_export,
     optimizer_state,
-    shard,
     trainable_state,
 )
-from .ema import EMA
-from .ode_init import ODEPairDataset, generate_ode_pairs, ode_regression_loss, save_ode_shard
-from .rollout import ChunkNoise, derive_seed
 
 log = logging.getLogger(__name__)
-
-_PAIR_NOISE, _REGRESSION = 100, 101
-
 
 def shard_path(folder: Path, index: int) -> Path:
     return folder / f"ode_pairs_{index:06d}.safetensors"
@@ -92,7 +85,8 @@ class ODETrainer:
             k = indices[plan.rank]
             ids = [(k * plan.batch_size + i) % len(plan.prompts) for i in range(plan.batch_size)]
             texts = [plan.prompts[i] for i in ids]
-            seeds = [derive_seed(plan.seed, _PAIR_NOISE, k * plan.batch_size + i) for i in range(plan.batch_size)]
+            first = k * plan.batch_size
+            seeds = [derive_seed(plan.seed, Purpose.PAIR_NOISE, first + i) for i in range(plan.batch_size)]
             noise = ChunkNoise(seeds, plan.latent_shape(plan.num_frames), device=plan.device, dtype=torch.float32)
             with autocast(plan):
                 trajectory, timesteps = generate_ode_pairs(
@@ -145,8 +139,8 @@ class ODETrainer:
             items = [self.dataset[i] for i in self.data.batch(it, group, plan.groups)[0]]
             trajectory = torch.stack([item["trajectory"] for item in items]).to(plan.device)
             cond = self._encode([item["prompt"] for item in items])
-            draws = torch.Generator().manual_seed(derive_seed(plan.seed, _REGRESSION, it, group))
-            torch.manual_seed(derive_seed(plan.seed, _REGRESSION, it, group, 1))
+            draws = torch.Generator().manual_seed(derive_seed(plan.seed, Purpose.REGRESSION, it, group))
+            torch.manual_seed(derive_seed(plan.seed, Purpose.REGRESSION, it, group, 1))
             with autocast(plan):
                 loss = ode_regression_loss(self.nets.generator, self.scheduler, trajectory, items[0]["timesteps"],
                                            cond, plan.stream.num_frame_per_block, generator=draws)  # fmt: skip

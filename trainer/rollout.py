@@ -22,13 +22,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from memflow.errors import ConfigError
 from pipeline.streaming import StreamingGenerator
+from utils.errors import ConfigError
+
+
+class Purpose(IntEnum):
+    """What a keyed draw is for: the second key of :func:`derive_seed` / :func:`shared_randint`, so draws made
+    for different purposes never share a seed."""
+
+    EXIT = 0
+    NEW_FRAMES = 1
+    SWITCH = 2
+    GEN_LOSS = 3
+    CRITIC_LOSS = 4
+    NOISE = 5
+    DATA = 6
+    VIS = 7
+    LORA_INIT = 8
+    PAIR_NOISE = 100
+    REGRESSION = 101
 
 
 def derive_seed(*keys: int) -> int:

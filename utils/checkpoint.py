@@ -1,4 +1,4 @@
-"""Atomic checkpoint I/O, rotation, RNG state capture and the release's LoRA export format.
+"""Atomic checkpoint I/O, rotation and RNG state capture.
 
 A checkpoint is written to a temporary file in the destination folder and moved into place
 with ``os.replace``, so a crash or SIGKILL mid-save leaves the previous checkpoint untouched.
@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from memflow.errors import ConfigError, WeightsError
 from utils.atomic import atomic_path
+from utils.errors import ConfigError, WeightsError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{6,})\.pt$")
-LORA_KEY_PREFIX = "base_model.model."
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -125,25 +124,3 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _lora_state(name: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    bad = [k for k in state if not (k.startswith(LORA_KEY_PREFIX) and ".lora_" in k)]
-    if bad or not state:
-        raise ValueError(
-            f"{name} must be peft's get_peft_model_state_dict output (keys like "
-            f"'{LORA_KEY_PREFIX}blocks.0.self_attn.q.lora_A.weight'); got {bad[:3] or 'no keys'}"
-        )
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
-
-
-def save_lora(
-    path: str | os.PathLike,
-    generator_lora: Mapping[str, torch.Tensor],
-    critic_lora: Mapping[str, torch.Tensor] | None = None,
-) -> Path:
-    """Export LoRA weights as the release's ``lora.pt``: ``{"generator_lora", "critic_lora"}``."""
-    state = {"generator_lora": _lora_state("generator_lora", generator_lora)}
-    if critic_lora is not None:
-        state["critic_lora"] = _lora_state("critic_lora", critic_lora)
-    return save_checkpoint(state, path)

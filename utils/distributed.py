@@ -1,9 +1,7 @@
-"""Process-group setup from torchrun's environment and FSDP sharding of Wan DiTs.
+"""Process-group setup from torchrun's environment, collectives that are no-ops alone, and full state dicts.
 
-Sharding uses PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``): it runs on CPU with
-gloo as well as on CUDA with nccl, takes a ``MixedPrecisionPolicy`` and does hybrid sharding
-(shard inside a node, replicate across nodes) through a 2-D device mesh. Parameters become
-DTensors holding the local shard; ``full_state_dict`` gathers them for checkpoints.
+A model sharded with FSDP2 holds DTensors of its local shard; :func:`full_state_dict` gathers them
+(rank 0 gets the tensors, the others ``{}``) and :func:`load_full_state_dict` broadcasts them back.
 """
 
 from __future__ import annotations
@@ -16,15 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from transformers.utils import logging as transformers_logging
 
-from memflow.dit import Block
-from memflow.errors import ConfigError
-
-SHARDING_MODES = ("full", "hybrid")
+from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -97,59 +90,6 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
-def _mesh(sharding: str, device_type: str, shard_group_size: int | None) -> DeviceMesh:
-    world = dist.get_world_size()
-    if sharding == "full":
-        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
-    if shard_group_size is None:
-        shard_group_size = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if shard_group_size < 1 or world % shard_group_size:
-        raise ConfigError(
-            f"shard_group_size={shard_group_size} must divide the world size {world} for hybrid sharding "
-            "(use the number of GPUs per node)"
-        )
-    return init_device_mesh(
-        device_type, (world // shard_group_size, shard_group_size), mesh_dim_names=("replicate", "shard")
-    )
-
-
-def shard_model(
-    model: nn.Module,
-    *,
-    mixed_precision: bool,
-    sharding: str = "full",
-    cpu: bool = False,
-    shard_group_size: int | None = None,
-) -> nn.Module:
-    """Shard ``model`` in place with FSDP2: every ``memflow.dit.Block``, then the root.
-
-    ``sharding="hybrid"`` shards within groups of ``shard_group_size`` ranks (default: the
-    node, LOCAL_WORLD_SIZE) and replicates across groups. ``mixed_precision`` computes in
-    bf16 and reduces gradients in bf16 on CUDA while the sharded master weights stay float32;
-    on CPU everything stays float32. Each block's cross-attention is its own unit with
-    ``text_kv`` registered as a forward method, because the DiT builds the text cache outside
-    the blocks' forward. Without a process group the model is returned unchanged.
-    """
-    if sharding not in SHARDING_MODES:
-        raise ConfigError(f"sharding={sharding!r}: choose one of {', '.join(SHARDING_MODES)}")
-    if not dist.is_initialized():
-        return model
-    mesh = _mesh(sharding, "cpu" if cpu else "cuda", shard_group_size)
-    if mixed_precision and not cpu:
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
-    else:
-        policy = MixedPrecisionPolicy()
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} contains no memflow.dit.Block to shard")
-    for block in blocks:
-        fully_shard(block.cross_attn, mesh=mesh, mp_policy=policy)
-        register_fsdp_forward_method(block.cross_attn, "text_kv")
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
-
-
 def _is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
@@ -161,9 +101,11 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a full state dict held by rank 0 (others pass {}) into a possibly sharded model."""
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+    """Load a full state dict held by rank 0 (others pass {}) into a possibly sharded model; ``strict=False``
+    loads a subset (e.g. the trainable parameters)."""
     if not _is_sharded(model):
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=strict)
         return
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
+    set_model_state_dict(model, state, options=options)
