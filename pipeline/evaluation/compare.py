@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from memflow.errors import MemFlowError
+from utils.errors import MemFlowError
 
 from .metrics import mean
 

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from memflow.errors import MemFlowError
+from utils.errors import MemFlowError
 
 DEFAULT_DINO = "facebook/dino-vitb16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"

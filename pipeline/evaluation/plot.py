@@ -7,7 +7,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from memflow.errors import MemFlowError
+from utils.errors import MemFlowError
 
 from .compare import SEGMENT_METRICS
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memflow.errors import MemFlowError
-from pipeline.outputs import write_sidecar
+from pipeline.sidecar import write_sidecar
+from utils.errors import MemFlowError
 
 from .features import ImageEncoder, TextImageEncoder
 from .metrics import alignment_matrix, alignment_summary, consistency, cross_similarity, frame_similarities, mean, speed

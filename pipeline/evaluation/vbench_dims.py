@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from memflow.errors import MemFlowError
+from utils.errors import MemFlowError
 
 VBENCH_DIMENSIONS = ("subject_consistency", "background_consistency")
 

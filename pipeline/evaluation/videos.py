@@ -18,8 +18,8 @@ from typing import Any
 import imageio_ffmpeg
 import numpy as np
 
-from memflow.errors import MemFlowError
-from pipeline.prompts import VAE_TEMPORAL_STRIDE
+from pipeline.timeline import VAE_TEMPORAL_STRIDE
+from utils.errors import MemFlowError
 
 SIDECAR_FIELDS = ("video", "complete", "sample_index", "prompts", "pixel_frames", "fps_video", "timings")
 

@@ -15,30 +15,25 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from memflow.errors import MemFlowError
 from pipeline.evaluation import evaluate_videos, find_videos
+from pipeline.evaluation.cli import main as evaluate_main
 from pipeline.evaluation.compare import compare_reports, pair_videos
 from pipeline.evaluation.features import clip_input, dino_input, load_clip, load_dino, prompt_windows
 from pipeline.evaluation.metrics import consistency, cross_similarity, frame_similarities
 from pipeline.evaluation.report import encode_frames, score_video, segment_text_features
 from pipeline.evaluation.videos import VideoEntry, pixel_start, segments_from_schedule
-from pipeline.inference import VideoRunner, build_components, plan_run
+from pipeline.plan import plan_run
+from pipeline.runner import VideoRunner, build_components
 from utils.config import load_config, run_cli
+from utils.errors import MemFlowError
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 TINY_INTERACTIVE = ROOT / "configs" / "tiny" / "interactive_inference.yaml"
 NARRATIVES = [
     ["A red fox trots through fresh snow.", "The red fox stops by a frozen stream.", "The fox curls up under a pine."],
     ["An old fisherman rows across a misty lake.", "The fisherman casts a net at sunrise.", "He rows back home."],
 ]
-
-
-def _script_main():
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +248,7 @@ def test_cli_evaluates_and_compares_end_to_end(videos, models, tmp_path, capsys)
 
     out = tmp_path / "self.md"
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(_script_main(), ["--compare", str(videos), str(videos), "--out", str(out), *model_args])
+        run_cli(evaluate_main, ["--compare", str(videos), str(videos), "--out", str(out), *model_args])
     assert exit_info.value.code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "self.json", "self.md", "self.png"]
     stats = json.loads((tmp_path / "self.json").read_text())["metrics"]
@@ -262,7 +257,7 @@ def test_cli_evaluates_and_compares_end_to_end(videos, models, tmp_path, capsys)
 
     # a saved report stands in for its folder (no models needed)
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(_script_main(), ["--compare", str(tmp_path / "report.json"), str(tmp_path / "report.json")])
+        run_cli(evaluate_main, ["--compare", str(tmp_path / "report.json"), str(tmp_path / "report.json")])
     assert exit_info.value.code == 0
     assert "| subject consistency | " in capsys.readouterr().out
 
@@ -286,7 +281,7 @@ def test_vbench_scores_are_put_beside_ours(videos, models, tmp_path, monkeypatch
     out = tmp_path / "report.json"
     try:
         with pytest.raises(SystemExit) as exit_info:
-            run_cli(_script_main(), [str(videos), "--vbench", "--out", str(out), "--dino", str(models["dino"]),
+            run_cli(evaluate_main, [str(videos), "--vbench", "--out", str(out), "--dino", str(models["dino"]),
                                      "--clip", str(models["clip"])])  # fmt: skip
     finally:
         sys.modules.pop("vbench", None)  # the stand-in must not outlive this test
@@ -375,7 +370,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, videos, models, t
     argv += ["--clip", str(models["clip"])]
     before = sorted(tmp_path.rglob("*")) + sorted(videos.rglob("*"))
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(_script_main(), argv)
+        run_cli(evaluate_main, argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
