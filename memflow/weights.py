@@ -15,6 +15,7 @@ The text encoder and VAE layouts live beside their modules (``memflow.text``, ``
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -27,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from utils.errors import WeightsError
+from utils.lfs import check_not_lfs_pointer
 
 from .dit import WanDiT, build_dit
 
@@ -52,11 +54,12 @@ _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_mo
 
 # -- reading files ----------------------------------------------------------------------------
 def require_file(path: Path, what: str, hint: str | None = None) -> Path:
-    """``path`` if it is a file, else a WeightsError naming it (and how to get it)."""
+    """``path`` if it is a file, else a WeightsError naming it (and how to get it); a Git LFS pointer is refused."""
     path = Path(path)
     if not path.is_file():
         fix = f"; download it with: {hint}" if hint else ""
         raise WeightsError(f"{what} not found: expected {path}{fix}")
+    check_not_lfs_pointer(path, what)
     return path
 
 
@@ -66,6 +69,7 @@ def safetensors_header(path: Path) -> dict[str, tuple[Shape, str]]:
     Also checks that the file is as long as its header says, which catches truncated downloads.
     """
     path = Path(path)
+    check_not_lfs_pointer(path, "safetensors file")
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -114,15 +118,28 @@ def shard_files(index_path: Path) -> list[Path]:
 
 
 def read_torch_file(path: Path) -> dict:
-    """A ``.pth`` / ``.pt`` file memory-mapped with ``weights_only=True`` (never runs pickled code)."""
+    """A ``.pth`` / ``.pt`` file read with ``weights_only=True``, so no pickled code ever runs.
+
+    Zip-format files (``torch.save``'s default) are memory-mapped; a legacy (non-zip) pickle is read
+    into memory. A file holding objects beyond tensors and plain containers is refused, not loaded.
+    """
     path = Path(path)
+    check_not_lfs_pointer(path, "PyTorch weights file")
+    with path.open("rb") as handle:
+        legacy = handle.read(1) == b"\x80"  # a pickle's PROTO opcode; zip files start with PK
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=not legacy, weights_only=True)
+    except pickle.UnpicklingError:
+        raise WeightsError(
+            f"{path} holds Python objects beyond tensors (pickled classes or code) and will not be loaded; "
+            "use a checkpoint of tensors only (torch.save of a state dict)"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        kind = "a legacy (non-zip) PyTorch file that cannot be read" if legacy else "truncated or corrupt"
         raise WeightsError(
-            f"{path}: not a readable PyTorch weights file, truncated or corrupt ({first_line}); download it again"
-        ) from err
+            f"{path}: not a readable PyTorch weights file, {kind} ({first_line}); download it again"
+        ) from None
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

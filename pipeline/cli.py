@@ -16,12 +16,12 @@ from tqdm import tqdm
 
 from memflow.config import PRESETS
 from memflow.verify import COMPANIONS, Layouts, Verifier
-from utils.config import load_config, parse_cli
+from utils.config import load_config, override_keys, parse_cli
 from utils.distributed import barrier, init_distributed, setup_logging
 from utils.errors import ConfigError, WeightsError
 
 from .golden import check_cases
-from .plan import plan_run
+from .plan import RELEASE, plan_run
 from .runner import VideoRunner, build_components, format_bytes
 from .sidecar import ChunkReport
 
@@ -37,10 +37,11 @@ def inference(argv: list[str]) -> int:
     config_path, options, overrides = parse_cli(argv, str(CONFIGS[interactive]), prog="inference.sh")
     if options["logdir"] or options["resume"]:
         raise ConfigError("--logdir and --resume are training options; inference writes to output_folder")
-    cfg = load_config(config_path, overrides)
     env = init_distributed()
     setup_logging(env)
-    plan = plan_run(cfg, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank)
+    cfg = load_config(config_path, overrides, defaults_path=CONFIGS[interactive], compat=RELEASE)
+    plan = plan_run(cfg, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
+                    command_line=override_keys(overrides))  # fmt: skip
     logging.getLogger("inference").info(
         "%d video(s) in total, %d on this rank; %dx%d, %d latent frames, memory=%s, %s %s",
         plan.total_videos, len(plan.jobs), plan.width, plan.height, plan.num_frames, plan.stream.memory,

@@ -17,6 +17,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from utils.errors import ConfigError, MemFlowError
+from utils.lfs import check_not_lfs_pointer
 
 from .schedule import PromptSchedule, PromptSegment
 
@@ -24,10 +25,13 @@ log = logging.getLogger(__name__)
 
 
 def read_prompt_file(path: str | Path, what: str) -> tuple[Path, str]:
+    """The UTF-8 text of a prompt file (a BOM is dropped); a folder, a missing file, a Git LFS pointer or
+    another encoding is one MemFlowError."""
     path = Path(path)
     if not path.is_file():
         state = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise MemFlowError(f"{what} {path} {state}")
+    check_not_lfs_pointer(path, what)
     raw = path.read_bytes()
     try:
         return path, raw.decode("utf-8-sig")
@@ -36,11 +40,22 @@ def read_prompt_file(path: str | Path, what: str) -> tuple[Path, str]:
         raise MemFlowError(f"{path}:{line}: not valid UTF-8 text; save the file as UTF-8") from None
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of a text file: split at ``\n`` (and ``\r\n``) only. ``str.splitlines`` would also split at
+    U+2028, U+0085 and other separators, which may stand inside a prompt or a JSON string."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def prompt_lines(path: str | Path, what: str = "prompt file") -> tuple[Path, list[tuple[int, str]]]:
+    """``(line number, stripped text)`` of every non-blank line of a prompt file."""
+    path, text = read_prompt_file(path, what)
+    return path, [(n, line.strip()) for n, line in enumerate(text_lines(text), start=1) if line.strip()]
+
+
 def load_text_prompts(path: str | Path, num_frames: int, chunk_frames: int) -> list[PromptSchedule]:
     """One single-prompt video per non-blank line of a text file."""
-    path, text = read_prompt_file(path, "prompt file")
-    videos = [PromptSchedule.single(line.strip(), num_frames, chunk_frames)
-              for line in text.splitlines() if line.strip()]
+    path, lines = prompt_lines(path)
+    videos = [PromptSchedule.single(line, num_frames, chunk_frames) for _, line in lines]
     if not videos:
         raise MemFlowError(f"{path} has no prompts; write one prompt per line")
     return videos
@@ -110,11 +125,9 @@ def load_jsonl_prompts(
 
     Prompt texts are kept verbatim (as the release encodes them); other keys on a line are ignored.
     """
-    path, text = read_prompt_file(path, "prompt file")
+    path, lines = prompt_lines(path)
     videos = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, line in lines:
         where = f"{path}:{lineno}"
         try:
             record = json.loads(line)

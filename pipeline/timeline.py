@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,13 @@ from .schedule import DEFAULT_INTERPOLATION, INTERPOLATIONS, PromptSchedule, Pro
 
 FPS = 16
 VAE_TEMPORAL_STRIDE = 4
+MAX_SECONDS = 24 * 3600  # a timeline longer than a day is a typo, and larger times overflow the frame maths
+MAX_SEED = 2**64 - 1
+PIPELINE_ID = "memflow"
+# settings this engine reads; "version"/"exportedAt" beside them are file metadata
+READ_SETTINGS = ("pipelineId", "inputMode", "resolution", "seed", "denoisingSteps")
+# settings that ask for nothing when they hold these values (Scope's defaults for MemFlow)
+INACTIVE_SETTINGS = {"quantization": None, "loras": [], "manageCache": True, "loraMergeStrategy": "permanent_merge"}
 
 
 def seconds_to_latent_frame(seconds: float, chunk_frames: int) -> int:
@@ -35,11 +42,15 @@ def seconds_to_latent_frame(seconds: float, chunk_frames: int) -> int:
 class Timeline:
     """A Scope timeline: the prompt schedule plus the settings it asks for as config overrides.
 
-    ``settings`` holds any of ``height``, ``width``, ``seed``, ``denoising_step_list``.
+    ``settings`` holds any of ``height``, ``width``, ``seed``, ``denoising_step_list``; ``unsupported``
+    the settings this engine does not honour (named to the user, never applied), ``pipeline_id`` the
+    Scope pipeline the timeline was made for.
     """
 
     schedule: PromptSchedule
     settings: dict[str, Any]
+    unsupported: dict[str, Any] = field(default_factory=dict)
+    pipeline_id: str | None = None
 
 
 class _Json:
@@ -66,6 +77,13 @@ class _Json:
             raise self.fail(field, f"must be a finite number, got {value!r}")
         return value
 
+    def seconds(self, obj: dict, key: str, where: str, default: Any = ...) -> float | None:
+        """A time in seconds, in [0, MAX_SECONDS]."""
+        value = self.get(obj, key, where, (int, float), default)
+        if value is not None and not 0 <= value <= MAX_SECONDS:
+            raise self.fail(f"{where}.{key}", f"{value} s is outside [0, {MAX_SECONDS}] seconds")
+        return value
+
 
 def load_timeline(path: str | Path, chunk_frames: int, num_frames: int | None = None) -> Timeline:
     """Scope timeline JSON -> :class:`Timeline`.
@@ -90,7 +108,11 @@ def load_timeline(path: str | Path, chunk_frames: int, num_frames: int | None = 
     segments: list[PromptSegment] = []
     last_end = 0.0
     for i, entry in enumerate(entries):
-        segment, last_end = _segment(js, entry, i, chunk_frames)
+        segment, start_time, end_time = _segment(js, entry, i, chunk_frames)
+        if segments and start_time < last_end:
+            raise js.fail(f"prompts[{i}].startTime", f"{start_time} s is before the previous segment ends "
+                          f"({last_end} s); segments must not overlap")  # fmt: skip
+        last_end = end_time
         if segments and segment.start <= segments[-1].start:
             raise js.fail(
                 f"prompts[{i}].startTime",
@@ -101,18 +123,23 @@ def load_timeline(path: str | Path, chunk_frames: int, num_frames: int | None = 
         segments.append(segment)
     num_frames = _video_length(js, segments, last_end, chunk_frames, num_frames)
     schedule = PromptSchedule(tuple(segments), num_frames, chunk_frames)
-    return Timeline(schedule, _timeline_settings(js, data.get("settings"), chunk_frames))
+    settings = data.get("settings")
+    if settings is not None and not isinstance(settings, dict):
+        raise js.fail("settings", "must be an object")
+    settings = settings or {}
+    unsupported = {key: value for key, value in settings.items()
+                   if key not in READ_SETTINGS and INACTIVE_SETTINGS.get(key, ...) != value}  # fmt: skip
+    pipeline_id = js.get(settings, "pipelineId", "settings", str, None)
+    return Timeline(schedule, _timeline_settings(js, settings), unsupported, pipeline_id)
 
 
-def _segment(js: _Json, entry: Any, i: int, chunk_frames: int) -> tuple[PromptSegment, float]:
-    """Segment ``i`` of the timeline and the time it ends (its ``endTime``, else its ``startTime``)."""
+def _segment(js: _Json, entry: Any, i: int, chunk_frames: int) -> tuple[PromptSegment, float, float]:
+    """Segment ``i`` of the timeline, its start time and the time it ends (``endTime``, else ``startTime``)."""
     where = f"prompts[{i}]"
     if not isinstance(entry, dict):
         raise js.fail(where, "must be an object with startTime and prompts")
-    start_time = js.get(entry, "startTime", where, (int, float))
-    end_time = js.get(entry, "endTime", where, (int, float), None)
-    if start_time < 0:
-        raise js.fail(f"{where}.startTime", f"must be >= 0 seconds, got {start_time}")
+    start_time = js.seconds(entry, "startTime", where)
+    end_time = js.seconds(entry, "endTime", where, None)
     if end_time is not None and end_time <= start_time:
         raise js.fail(f"{where}.endTime", f"{end_time} must be after startTime {start_time}")
     steps = js.get(entry, "transitionSteps", where, int, 0)
@@ -126,7 +153,7 @@ def _segment(js: _Json, entry: Any, i: int, chunk_frames: int) -> tuple[PromptSe
     if i == 0 and start != 0:
         raise js.fail(f"{where}.startTime", f"the first segment must start at 0 s, not {start_time}")
     end = end_time if end_time is not None else start_time
-    return PromptSegment(start, tuple(pairs), steps if i else 0, method), end
+    return PromptSegment(start, tuple(pairs), steps if i else 0, method), start_time, end
 
 
 def _weighted_prompts(js: _Json, weighted: list, where: str) -> list[tuple[str, float]]:
@@ -173,11 +200,8 @@ def _video_length(
     return num_frames
 
 
-def _timeline_settings(js: _Json, settings: Any, chunk_frames: int) -> dict[str, Any]:
-    if settings is None:
-        return {}
-    if not isinstance(settings, dict):
-        raise js.fail("settings", "must be an object")
+def _timeline_settings(js: _Json, settings: dict) -> dict[str, Any]:
+    """The settings this engine honours, as config overrides."""
     out: dict[str, Any] = {}
     mode = js.get(settings, "inputMode", "settings", str, "text")
     if mode != "text":
@@ -191,8 +215,8 @@ def _timeline_settings(js: _Json, settings: Any, chunk_frames: int) -> dict[str,
             out[key] = value
     seed = js.get(settings, "seed", "settings", int, None)
     if seed is not None:
-        if seed < 0:
-            raise js.fail("settings.seed", f"must be >= 0, got {seed}")
+        if not 0 <= seed <= MAX_SEED:
+            raise js.fail("settings.seed", f"must be >= 0 and < 2^64, got {seed}")
         out["seed"] = seed
     steps = js.get(settings, "denoisingSteps", "settings", list, None)
     if steps is not None:

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from pipeline.prompts import prompt_lines
 from utils.config import require_existing_path
-from utils.errors import ConfigError
+from utils.errors import ConfigError, MemFlowError
 
 from .rollout import Purpose, derive_seed
 
@@ -18,10 +19,10 @@ def read_prompt_lines(cfg: DictConfig, key: str) -> list[str]:
     """Non-blank lines of the prompt file named by ``key`` (one prompt per line)."""
     path = require_existing_path(cfg, key)
     try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{key}: cannot read {path} ({err})") from None
-    prompts = [line for line in lines if line]
+        _, lines = prompt_lines(path, f"{key} prompt file")
+    except MemFlowError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    prompts = [line for _, line in lines]
     if not prompts:
         raise ConfigError(f"{key}: {path} holds no prompts; write one prompt per line")
     return prompts

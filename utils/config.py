@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
@@ -22,6 +24,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from utils.errors import ConfigError, MemFlowError
+
+log = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*$")
 _MISSING = object()
@@ -206,39 +210,89 @@ def _parse_override(token: str) -> tuple[str, Any]:
     return key, value
 
 
+@dataclass(frozen=True)
+class Compat:
+    """How configs written for another codebase (the MemFlow release) load here.
+
+    ``inert`` maps keys that are accepted but change nothing here to the value under which that holds
+    (``...`` for any value): a layer that sets one has it named in a single warning, and a value other
+    than that one is refused. ``adapt(values)`` rewrites a layer's plain values (a release format into
+    ours) before they are checked against the known keys.
+    """
+
+    inert: Mapping[str, Any] = field(default_factory=dict)
+    adapt: Callable[[dict], dict] | None = None
+
+
 def load_config(
-    path: str | Path, overrides: Sequence[str] = (), defaults_path: str | Path | None = None
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    defaults_path: str | Path | None = None,
+    compat: Compat | None = None,
 ) -> DictConfig:
     """The run config: ``defaults_path`` YAML (if any), then ``path`` YAML, then dot-list overrides.
 
     The first YAML loaded defines the known keys; every later key must exist there (unknown keys
     are rejected with the closest known one) and keep the default's kind (an integer stays an
     integer; null is always allowed). Entries of :data:`OPEN_MAPPINGS` are exempt from the first rule:
-    their consumer checks them. Interpolations (``${...}``) are resolved when read.
+    their consumer checks them. Interpolations (``${...}``) are resolved when read. ``compat`` lets a
+    release config load unchanged (see :class:`Compat`).
     """
+    compat = compat or Compat()
     base = _load_yaml(path, "config file") if defaults_path is None else _load_yaml(defaults_path, "defaults")
     known = cast(dict, OmegaConf.to_container(base, resolve=False))
-    cfg = base
+    layers = []
     if defaults_path is not None:
-        layer = _load_yaml(path, "config file")
-        _check_tree(known, cast(dict, OmegaConf.to_container(layer, resolve=False)), str(path), known)
-        cfg = OmegaConf.merge(cfg, layer)
-    for token in overrides:
-        key, value = _parse_override(token)
-        default = _lookup(known, key)
-        source = f"override {token!r}"
-        if default is _MISSING and not _in_open_mapping(key):
-            raise _prefixed(source, _unknown_key(key, known))
-        nested = isinstance(default, dict) and isinstance(value, dict)
-        if nested:
-            _check_tree(default, value, source, known, key + ".")
-        else:
-            _check_type(key, default, value, source)
+        layers.append((str(path), cast(dict, OmegaConf.to_container(_load_yaml(path, "config file"), resolve=False))))
+    layers += [(f"override {token!r}", _override_layer(token)) for token in overrides]
+    cfg, inert = base, []
+    for source, values in layers:
         try:
-            OmegaConf.update(cfg, key, value, merge=nested)
+            values = compat.adapt(values) if compat.adapt else values
+            inert += _take_inert(values, compat.inert)
+        except ConfigError as err:
+            raise _prefixed(source, err) from None
+        _check_tree(known, values, source, known)
+        try:
+            cfg = OmegaConf.merge(cfg, values)
         except OmegaConfBaseException as err:
-            raise ConfigError(f"override {token!r}: {_one_line(err)}") from None
-    return cfg
+            raise ConfigError(f"{source}: {_one_line(err)}") from None
+    if inert:
+        log.warning("accepted for compatibility, no effect here: %s", ", ".join(dict.fromkeys(inert)))
+    return cast(DictConfig, cfg)
+
+
+def override_keys(overrides: Sequence[str]) -> frozenset[str]:
+    """The dotted keys a list of ``key=value`` overrides sets (what the command line decided)."""
+    return frozenset(_split_override(token) for token in overrides)
+
+
+def _override_layer(token: str) -> dict:
+    """``a.b=value`` as the nested layer ``{"a": {"b": value}}``."""
+    key, value = _parse_override(token)
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def _take_inert(values: dict, inert: Mapping[str, Any]) -> list[str]:
+    """Remove the inert keys a layer sets; a value other than the harmless one is a ConfigError."""
+    found = []
+    for dotted, harmless in inert.items():
+        *parents, leaf = dotted.split(".")
+        node = values
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        if harmless is not ... and value != harmless:
+            raise ConfigError(
+                f"{dotted}={value!r} is not supported here: this codebase always does what {dotted}={harmless!r} "
+                f"does in the release; remove the key"
+            )
+        found.append(dotted)
+    return found
 
 
 def _in_open_mapping(dotted: str) -> bool:
@@ -295,13 +349,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def require_int(cfg: DictConfig, key: str, minimum: int | None = None) -> int:
-    """An integer field, optionally at least ``minimum``."""
+def require_int(cfg: DictConfig, key: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer field, optionally at least ``minimum`` and at most ``maximum``."""
     value = get_field(cfg, key)
     if not _is_int(value):
         raise ConfigError(f"{key} must be an integer, got {value!r}; set {key}=<integer>")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{key} must be >= {minimum}, got {value}; set {key}=<integer >= {minimum}>")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key} must be <= {maximum}, got {value}; set {key}=<integer <= {maximum}>")
     return value
 
 

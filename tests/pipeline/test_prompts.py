@@ -239,6 +239,12 @@ def test_timeline_without_settings(tmp_path):
     assert load_timeline(write_timeline(tmp_path, data), 3).settings == {}
 
 
+def test_timeline_segments_closer_than_a_chunk_are_refused(tmp_path):
+    data = mutate(mutate(timeline(), "prompts.0.endTime", 0.1), "prompts.1.startTime", 0.1)
+    with pytest.raises(MemFlowError, match=r"prompts\[1\].startTime: 0.1 s maps to latent frame 0, not after"):
+        load_timeline(write_timeline(tmp_path, data), chunk_frames=3)
+
+
 def mutate(data: dict, dotted: str, value) -> dict:
     node = data
     parts = dotted.split(".")
@@ -264,7 +270,9 @@ def mutate(data: dict, dotted: str, value) -> dict:
         ("prompts.1.prompts", [], r"prompts\[1\].prompts: is empty"),
         ("prompts.1.prompts.0", "text", r"prompts\[1\].prompts\[0\]: must be an object"),
         ("prompts.1.startTime", KeyError, r"prompts\[1\].startTime: is missing"),
-        ("prompts.1.startTime", 0.1, r"prompts\[1\].startTime: 0.1 s maps to latent frame 0, not after"),
+        ("prompts.1.startTime", 0.1, r"prompts\[1\].startTime: 0.1 s is before the previous segment ends \(3.0 s\)"),
+        ("prompts.1.startTime", 1e308, r"prompts\[1\].startTime: 1e\+308 s is outside \[0, 86400\] seconds"),
+        ("settings.seed", 2**64, r"settings.seed: must be >= 0 and < 2\^64"),
         ("prompts.0.startTime", 2.0, r"prompts\[0\].startTime: the first segment must start at 0 s"),
         ("prompts.1.endTime", 2.0, r"prompts\[1\].endTime: 2.0 must be after startTime 3.0"),
         ("prompts.1.transitionSteps", -2, r"prompts\[1\].transitionSteps: must be >= 0"),
