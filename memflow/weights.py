@@ -287,6 +287,15 @@ def select_entry(checkpoint: Mapping, entry: str, path: Path, choices: Iterable[
     if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint
     if entry not in checkpoint:
+        kinds = (("generator", GENERATOR_ENTRIES, "generator_ckpt"), ("LoRA", LORA_ENTRIES, "lora_ckpt"))
+        for kind, entries, key in kinds:
+            if entry in (*GENERATOR_ENTRIES, *LORA_ENTRIES) and entry not in entries and any(
+                e in checkpoint for e in entries
+            ):
+                raise WeightsError(
+                    f"{path} is a {kind} checkpoint (entries {[e for e in entries if e in checkpoint]}), not the "
+                    f"{entry!r} wanted here; give it as {key}"
+                )
         present = [k for k in checkpoint if k in set(choices)] or sorted(map(str, checkpoint))[:8]
         raise WeightsError(f"{path}: no {entry!r} entry (found {present}); choose one of those")
     value = checkpoint[entry]

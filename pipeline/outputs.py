@@ -8,6 +8,7 @@ when asked to.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import re
 import subprocess
@@ -69,22 +70,54 @@ def unique_path(folder: str | Path, stem: str, suffix: str) -> Path:
     return Path(folder) / f"{unique_stem(folder, stem, [suffix])}{suffix}"
 
 
-def check_writable(folder: str | Path) -> Path:
-    """Create ``folder`` if needed and prove a file can be written there; MemFlowError otherwise.
+def reserve_stem(folder: str | Path, stem: str, suffixes: Sequence[str]) -> str:
+    """Like :func:`unique_stem`, and claimed: the first suffix's file is created exclusively, so a process
+    reserving the same stem at the same instant takes the next free number instead of failing."""
+    folder = Path(folder)
+    candidate = stem
+    for n in itertools.count(1):
+        if not any((folder / f"{candidate}{suffix}").exists() for suffix in suffixes):
+            try:
+                with open(folder / f"{candidate}{suffixes[0]}", "xb"):
+                    return candidate
+            except FileExistsError:
+                pass
+            except OSError as err:
+                claim = folder / f"{candidate}{suffixes[0]}"
+                raise MemFlowError(f"cannot create {claim}: {err.strerror or err}") from None
+        candidate = f"{stem}-{n}"
+    raise AssertionError("unreachable")
 
-    Call it before any generation so a bad ``output_folder`` fails in a second, not after an hour.
+
+def check_writable(folder: str | Path) -> Path:
+    """Prove that files can be written in ``folder`` (or, when it does not exist yet, created in its nearest
+    existing parent) without leaving anything behind; MemFlowError otherwise.
+
+    Call it before any generation so a bad ``output_folder`` fails in a second, not after an hour; the folder
+    itself is made only when the first output is written (:func:`make_folder`).
     """
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise MemFlowError(f"output folder {folder} is a file; set output_folder to a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"is not writable: {existing} is a file"
+        raise MemFlowError(f"output folder {folder} {where}; set output_folder to a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         raise MemFlowError(
             f"output folder {folder} is not writable ({err.strerror or err}); choose another output_folder"
         ) from None
+    return folder
+
+
+def make_folder(folder: str | Path) -> Path:
+    """Create ``folder`` (and its parents) for the first output written there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MemFlowError(f"cannot create output folder {folder} ({err.strerror or err})") from None
     return folder
 
 
@@ -139,8 +172,10 @@ class VideoWriter:
         self._muxed = 0
         self._progress_done = False
         self._progress = threading.Condition()
+        self._claimed = False
         check_writable(self.path.parent)
-        _reserve(self.path)
+        if self.path.exists():
+            raise MemFlowError(f"{self.path} already exists; outputs are never overwritten, choose another name")
 
     def __enter__(self) -> VideoWriter:
         return self
@@ -166,8 +201,11 @@ class VideoWriter:
         ]
 
     def _start(self, width: int, height: int) -> None:
+        """Claim the file and start ffmpeg at the first frames, so a run killed before them leaves no MP4."""
         if width % 2 or height % 2:
             raise MemFlowError(f"video size {width}x{height} must be even for H.264; use even height and width")
+        _reserve(self.path)
+        self._claimed = True
         self._size = (width, height)
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as ffmpeg; closed in close()
         self._proc = subprocess.Popen(
@@ -224,15 +262,15 @@ class VideoWriter:
                 self._progress.wait(remaining)
 
     def close(self, abort: bool = False) -> None:
-        """Finish the file. With no frames written the reserved empty file is removed.
+        """Finish the file. A file this writer claimed but never wrote a frame to is removed.
 
         ``abort=True`` (an exception is propagating) still finalises what was written but does not
         report ffmpeg's exit status (after Ctrl-C ffmpeg has already finished the file itself).
         """
         proc, self._proc = self._proc, None
         if proc is None:
-            if self.frames_written == 0 and self.path.exists() and self.path.stat().st_size == 0:
-                self.path.unlink()
+            if self._claimed and self.frames_written == 0:
+                self.path.unlink(missing_ok=True)
             return
         assert proc.stdin is not None
         with contextlib.suppress(BrokenPipeError):

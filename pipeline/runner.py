@@ -27,13 +27,14 @@ from memflow.vae import WanVAE
 from memflow.weights import apply_lora
 
 from .memory_trace import render_memory_trace
-from .outputs import VideoWriter, unique_stem
+from .outputs import VideoWriter, make_folder, reserve_stem
 from .plan import RunPlan, VideoJob
 from .schedule import ChunkCondition, ChunkConditioning
-from .sidecar import ChunkReport, VideoResult, sidecar_data, write_sidecar
+from .sidecar import ChunkReport, VideoResult, conditioning_record, sidecar_data, write_sidecar
 from .streaming import StreamingGenerator
 
-OUTPUT_SUFFIXES = (".mp4", ".json", ".memory.png", ".latents.safetensors")
+# the sidecar first: its file is the claim on a stem (see reserve_stem)
+OUTPUT_SUFFIXES = (".json", ".mp4", ".memory.png", ".latents.safetensors")
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
@@ -132,12 +133,14 @@ class VideoRunner:
         return x0
 
     def run(self, job: VideoJob, on_chunk: Callable[[ChunkReport], None] | None = None) -> VideoResult:
-        """Generate one video; writes ``<stem>.mp4`` and its sidecar chunk by chunk, then the trace."""
+        """Generate one video; writes its sidecar at once, then ``<stem>.mp4`` and the sidecar chunk by chunk,
+        then the trace. The output folder is made here, so a run that fails before its first video leaves none."""
         plan = self.plan
         conditioning = ChunkConditioning(job.schedule, self._encode)
-        stem = unique_stem(plan.output_folder, job.stem, OUTPUT_SUFFIXES)
+        stem = reserve_stem(make_folder(plan.output_folder), job.stem, OUTPUT_SUFFIXES)
         result = VideoResult(job, plan.output_folder / f"{stem}.mp4", plan.output_folder / f"{stem}.json",
-                             None, None, 0, 0.0, {})  # fmt: skip
+                             None, None, 0, 0.0, peak_memory(plan.device))  # fmt: skip
+        write_sidecar(result.sidecar, sidecar_data(plan, result, None, complete=False), replace=True)
         noise_gen = torch.Generator(device=plan.device).manual_seed(job.seed)
         decoder = self.components.vae.streaming_decoder()
         latents: list[torch.Tensor] = []
@@ -158,11 +161,11 @@ class VideoRunner:
                 if plan.config.save_latents:
                     latents.append(x0[0].float().cpu())
                 report = ChunkReport(cond.chunk, len(conditioning), pixels.shape[0], writer.frames_written,
-                                     t1 - t0, t2 - t1, t3 - t2, t3 - start)  # fmt: skip
+                                     t1 - t0, t2 - t1, t3 - t2, t3 - start, conditioning_record(job, cond))  # fmt: skip
                 result.chunks.append(report)
                 result.pixel_frames, result.seconds, result.peak_memory = (
                     writer.frames_written, t3 - start, peak_memory(plan.device))
-                write_sidecar(result.sidecar, sidecar_data(plan, result, None, complete=False), replace=cond.chunk > 0)
+                write_sidecar(result.sidecar, sidecar_data(plan, result, None, complete=False), replace=True)
                 if on_chunk is not None:
                     on_chunk(report)
         result.seconds, result.peak_memory = time.perf_counter() - start, peak_memory(plan.device)

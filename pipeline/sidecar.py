@@ -21,6 +21,7 @@ from utils.errors import MemFlowError
 
 from .outputs import FPS
 from .plan import RunPlan, VideoJob
+from .schedule import ChunkCondition
 
 
 def _jsonable(value: Any) -> Any:
@@ -66,6 +67,7 @@ class ChunkReport:
     decode_s: float
     write_s: float
     elapsed_s: float
+    conditioning: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def fps(self) -> float:
@@ -89,6 +91,19 @@ class VideoResult:
     @property
     def fps(self) -> float:
         return self.pixel_frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def conditioning_record(job: VideoJob, cond: ChunkCondition) -> dict[str, Any]:
+    """What conditioned one chunk: its segment's weighted prompts and, inside a transition, how far from the
+    previous segment's embedding it has moved (``transition`` 1.0 is the segment's own embedding)."""
+    segment = job.schedule.segments[cond.segment]
+    return {
+        "segment": cond.segment,
+        "switch": cond.switch,
+        "prompts": [{"text": text, "weight": weight} for text, weight in segment.prompts],
+        "transition": cond.alpha,
+        "from_segment": cond.segment - 1 if cond.alpha < 1.0 else None,
+    }
 
 
 def sidecar_data(plan: RunPlan, result: VideoResult, trace: dict | None, complete: bool) -> dict[str, Any]:
@@ -122,6 +137,7 @@ def sidecar_data(plan: RunPlan, result: VideoResult, trace: dict | None, complet
                 for r in result.chunks
             ],
         },
+        "conditioning": [{"chunk": r.chunk, **r.conditioning} for r in result.chunks],
         "peak_memory": result.peak_memory,
         "files": {
             "latents": result.latents.name if result.latents else None,

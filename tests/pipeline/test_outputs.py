@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -31,7 +32,9 @@ from pipeline.memory_trace import (
 from pipeline.outputs import (
     VideoWriter,
     check_writable,
+    make_folder,
     output_stem,
+    reserve_stem,
     slugify,
     to_uint8_frames,
     unique_path,
@@ -85,15 +88,24 @@ def test_unique_path_never_returns_existing(tmp_path):
     assert unique_stem(tmp_path, "w", [".mp4", ".json"]) == "w-1"
 
 
-def test_check_writable_creates_and_rejects(tmp_path):
+def test_check_writable_creates_nothing_and_rejects(tmp_path):
     target = tmp_path / "a" / "b"
-    assert check_writable(target) == target and target.is_dir()
+    assert check_writable(target) == target and list(tmp_path.iterdir()) == []
+    assert make_folder(target).is_dir()
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(MemFlowError, match=f"output folder {blocker} is a file"):
         check_writable(blocker)
-    with pytest.raises(MemFlowError, match=f"output folder {blocker / 'sub'} is not writable"):
+    with pytest.raises(MemFlowError, match=f"output folder {blocker / 'sub'} is not writable: {blocker} is a file"):
         check_writable(blocker / "sub")
+
+
+def test_reserving_a_stem_claims_it_and_racing_reservations_take_the_next_numbers(tmp_path):
+    (tmp_path / "v.mp4").write_bytes(b"")
+    assert reserve_stem(tmp_path, "v", [".json", ".mp4"]) == "v-1" and (tmp_path / "v-1.json").exists()
+    with ThreadPoolExecutor(8) as pool:  # what several processes starting at once do
+        stems = list(pool.map(lambda _: reserve_stem(tmp_path, "w", [".json", ".mp4"]), range(40)))
+    assert sorted(stems) == sorted(["w", *(f"w-{n}" for n in range(1, 40))])
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
@@ -155,7 +167,7 @@ def test_video_writer_checks_folder_first(tmp_path):
 def test_video_writer_without_frames_leaves_nothing(tmp_path):
     path = tmp_path / "v.mp4"
     with VideoWriter(path):
-        assert path.exists()  # reserved so no concurrent run can take the name
+        assert not path.exists()  # claimed at the first frames: a run killed before them leaves no empty MP4
     assert not path.exists()
 
 
