@@ -20,8 +20,9 @@ from utils.config import load_config, override_keys, parse_cli
 from utils.distributed import barrier, init_distributed, setup_logging
 from utils.errors import ConfigError, WeightsError
 
+from .compat import RELEASE
 from .golden import check_cases
-from .plan import RELEASE, plan_run
+from .plan import plan_run
 from .runner import VideoRunner, build_components, format_bytes
 from .sidecar import ChunkReport
 

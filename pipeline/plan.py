@@ -15,18 +15,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from memflow.config import BANK_RECORD_POLICIES, MEMORY_MODES, PRESETS, DiTConfig, StreamConfig, run_dit_config
 from memflow.loading import check_weights, missing_weights
 from memflow.text import UMT5_PRESETS
 from memflow.vae import VAE_PRESETS, vae_config
 from utils.config import (
-    Compat,
     get_field,
     require_bool,
     require_choice,
@@ -38,10 +36,11 @@ from utils.config import (
 )
 from utils.errors import ConfigError
 
+from .compat import OUTPUT_NAMES, first_iterations, model_type, release_stems, timeline_config
 from .outputs import check_writable, output_stem
 from .prompts import load_jsonl_prompts, load_text_prompts
 from .schedule import PromptSchedule
-from .timeline import PIPELINE_ID, Timeline, load_timeline
+from .timeline import load_timeline
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +50,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TEXT_ENCODERS = (*UMT5_PRESETS, "minilm")
 PROMPT_FORMATS = (".txt", ".jsonl", ".json")
 
-OUTPUT_NAMES = ("prompt", "release")
 MAX_SEED = 2**64 - 1  # torch generators take seeds below 2^64
-# Release keys accepted with no effect here, and the value under which that holds (... for any value).
-RELEASE_INERT = {"adapter.verbose": ..., "model_name": ...}
 
 # StreamConfig field -> the config key that sets it.
 STREAM_KEYS = {
@@ -73,36 +69,6 @@ STREAM_KEYS = {
     "context_noise": "context_noise",
     "global_sink": "global_sink",
 }
-
-
-# -- the release's config files ---------------------------------------------------------------------
-def frame_list(text: str, key: str) -> list[int]:
-    """The release's comma-separated latent frames (``"40, 80, 120"``) as a list."""
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(
-            f"{key}={text!r}: write comma-separated latent frames like '40, 80' or a list [40, 80]"
-        ) from None
-
-
-def adapt_release(values: dict) -> dict:
-    """A release config layer in our spellings: switch frames as a comma string, ``model_name`` naming the
-    DiT (``Wan2.1-T2V-1.3B``: the preset ``model``; a name that is no preset stays and has no effect)."""
-    switches = values.get("switch_frame_indices")
-    if isinstance(switches, str):
-        values["switch_frame_indices"] = frame_list(switches, "switch_frame_indices")
-    name = values.get("model_name")
-    if isinstance(name, str) and name.lower() in PRESETS:
-        preset = name.lower()
-        if values.get("model", preset) != preset:
-            raise ConfigError(f"model_name={name} and model={values['model']} name different DiTs; give one of them")
-        values.pop("model_name")
-        values["model"] = preset
-    return values
-
-
-RELEASE = Compat(inert=RELEASE_INERT, adapt=adapt_release)
 
 
 # -- settings shared with training -----------------------------------------------------------------
@@ -269,26 +235,6 @@ def plan_stems(first_prompts: Sequence[str], num_samples: int, save_with_index: 
     return stems
 
 
-def model_type(cfg: DictConfig) -> str:
-    """The release's name for the weights a run uses: ``lora``, ``ema`` or ``regular``."""
-    if cfg.lora_ckpt is not None:
-        return "lora"
-    return "ema" if cfg.use_ema else "regular"
-
-
-def release_stems(
-    first_prompts: Sequence[str], num_samples: int, save_with_index: bool, world_size: int, kind: str
-) -> list[str]:
-    """The release's file names, ``rank{r}-{prompt index}-{sample}_{kind}`` (or the prompt's first 100
-    characters for the index), where rank r makes video g as g % world_size."""
-    stems = []
-    for i, prompt in enumerate(first_prompts):
-        name = str(i) if save_with_index else prompt[:100].replace("/", "_")
-        for sample in range(num_samples):
-            stems.append(f"rank{len(stems) % world_size}-{name}-{sample}_{kind}")
-    return stems
-
-
 def plan_videos(
     config: DictConfig,
     stream: StreamConfig,
@@ -354,27 +300,7 @@ def _load_schedules(
         return cfg, load_text_prompts(data_path, num_frames, chunk)
     given = num_frames if "num_output_frames" in command_line else None
     timeline = load_timeline(data_path, chunk, given)
-    return _timeline_config(cfg, timeline, command_line, data_path), [timeline.schedule]
-
-
-def _timeline_config(cfg: DictConfig, timeline: Timeline, command_line: frozenset[str], path: str) -> DictConfig:
-    """``cfg`` with the timeline's length and settings, the command line overruling them: command line >
-    timeline > config file. Says where each value came from, and what the timeline asks that is not done."""
-    if timeline.pipeline_id not in (None, PIPELINE_ID):
-        log.warning("timeline %s was made for Scope's %r pipeline, not %r: its prompts are used as they are",
-                    path, timeline.pipeline_id, PIPELINE_ID)  # fmt: skip
-    if timeline.unsupported:
-        shown = ", ".join(f"{key}={value!r}" for key, value in timeline.unsupported.items())
-        log.warning("timeline %s: settings not supported here, ignored: %s", path, shown)
-    asked = {"num_output_frames": timeline.schedule.num_frames, **timeline.settings}
-    applied = {}
-    for key, value in asked.items():
-        if key in command_line:
-            log.info("%s=%s from the command line (the timeline asks for %s)", key, get_field(cfg, key), value)
-        else:
-            log.info("%s=%s from the timeline %s (the config file has %s)", key, value, path, get_field(cfg, key))
-            applied[key] = value
-    return cast(DictConfig, OmegaConf.merge(cfg, applied))
+    return timeline_config(cfg, timeline, command_line, data_path), [timeline.schedule]
 
 
 def missing_run_weights(cfg: DictConfig) -> list[tuple[Path, str]]:
@@ -403,17 +329,6 @@ def _check_model_fields(cfg: DictConfig) -> None:
         )
 
 
-def _first_iterations(schedules: list[PromptSchedule], inference_iter: int, world_size: int) -> list[PromptSchedule]:
-    """The release's ``inference_iter``: -1 for every prompt, else each rank stops after its prompt number
-    ``inference_iter`` (counted from 0), i.e. the first ``(inference_iter + 1) x world_size`` prompts."""
-    if inference_iter < 0:
-        return schedules
-    kept = schedules[: (inference_iter + 1) * world_size]
-    log.info("inference_iter=%d: %d of %d prompts (%d per rank, as the release counts)", inference_iter,
-             len(kept), len(schedules), inference_iter + 1)  # fmt: skip
-    return kept
-
-
 def plan_run(
     cfg: DictConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
     command_line: frozenset[str] = frozenset(),
@@ -430,7 +345,7 @@ def plan_run(
         cfg, "num_output_frames", chunk, f"a whole number of {chunk}-frame chunks (num_frame_per_block)"
     )
     cfg, schedules = _load_schedules(cfg, num_frames, chunk, command_line)
-    schedules = _first_iterations(schedules, require_int(cfg, "inference_iter", minimum=-1), world_size)
+    schedules = first_iterations(schedules, require_int(cfg, "inference_iter", minimum=-1), world_size)
     stream = stream_config(cfg)
     dit = dit_settings(cfg)
     resolution(cfg, dit)
