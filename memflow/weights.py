@@ -134,7 +134,7 @@ def read_torch_file(path: Path) -> dict:
             f"{path} holds Python objects beyond tensors (pickled classes or code) and will not be loaded; "
             "use a checkpoint of tensors only (torch.save of a state dict)"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # a damaged file fails deep inside torch's readers in many ways
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         kind = "a legacy (non-zip) PyTorch file that cannot be read" if legacy else "truncated or corrupt"
         raise WeightsError(

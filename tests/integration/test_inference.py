@@ -294,7 +294,30 @@ BAD_INPUTS = {
         ["generator_ckpt={missing}"], r"missing weights: .*nothing\.pt.*huggingface-cli download KlingTeam/MemFlow",
     ),
     "output not writable": (["output_folder={blocker}/videos"], r"output folder .* is not writable"),
+    "seed of 2^64": (["seed=18446744073709551616"], r"seed must be <= 18446744073709551615"),
+    "timeline time 1e308": (["data_path={huge}"], r"prompts\[0\]\.endTime: 1e\+308 s is outside \[0, 86400\]"),
+    "overlapping timeline": (["data_path={overlap}"], r"prompts\[1\]\.startTime: 1 s is before the previous segment"),
+    "pickle with code": (["generator_ckpt={evil}"], r"evil\.pth holds Python objects beyond tensors .* not be loaded"),
+    "lfs pointer weights": (["generator_ckpt={pointer}"], r"pointer\.pt is a Git LFS pointer"),
+    "base.pt as lora": (["generator_ckpt=null", "lora_ckpt={base}"], r"base\.pt is a generator checkpoint .*_ckpt"),
 }
+
+
+class _Payload:
+    """Unpickling this would run a command: what a malicious checkpoint holds."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def _evil_pickle(path):
+    torch.save({"generator": _Payload()}, path)
+    return path
+
+
+def _generator_checkpoint(path):
+    torch.save({"generator": {"blocks.0.self_attn.q.weight": torch.zeros(1)}}, path)
+    return path
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -305,6 +328,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys)
         "timeline": _bad(tmp_path, "t.json", json.dumps({"prompts": [{"startTime": 0, "prompts": [{"text": 5}]}]})),
         "missing": tmp_path / "nothing.pt",
         "blocker": _bad(tmp_path, "blocker", "a file where a folder is expected"),
+        "huge": _bad(tmp_path, "huge.json", json.dumps({"prompts": [{"startTime": 0, "endTime": 1e308,
+                                                                       "prompts": [{"text": "a"}]}]})),
+        "overlap": _bad(tmp_path, "overlap.json", json.dumps({"prompts": [
+            {"startTime": 0, "endTime": 3, "prompts": [{"text": "a"}]},
+            {"startTime": 1, "endTime": 6, "prompts": [{"text": "b"}]}]})),
+        "evil": _evil_pickle(tmp_path / "evil.pth"),
+        "pointer": _bad(tmp_path, "pointer.pt", "version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n"),
+        "base": _generator_checkpoint(tmp_path / "base.pt"),
     }
     overrides, message = BAD_INPUTS[case]
     out = tmp_path / "out"
