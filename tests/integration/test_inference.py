@@ -139,6 +139,28 @@ def test_sidecar_is_kept_current_while_the_video_is_written(tmp_path):
     assert final["complete"] and final["pixel_frames"] == 33 and final["memory_trace"] is not None
 
 
+def test_a_run_killed_in_its_first_chunk_leaves_a_sidecar_and_no_empty_video(tmp_path, monkeypatch):
+    plan = plan_run(load_config(TINY, [f"output_folder={tmp_path / 'out'}", "num_output_frames=9"]))
+    runner = VideoRunner(plan, build_components(plan))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.generator, "denoise_chunk", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(plan.jobs[0])
+    (sidecar,) = (tmp_path / "out").iterdir()
+    state = json.loads(sidecar.read_text())
+    assert sidecar.suffix == ".json" and not state["complete"] and state["pixel_frames"] == 0
+
+
+def test_a_plan_creates_no_output_folder_until_its_first_video(tmp_path):
+    plan = plan_run(load_config(TINY, [f"output_folder={tmp_path / 'a' / 'out'}", "num_output_frames=3"]))
+    assert list(tmp_path.iterdir()) == []
+    VideoRunner(plan, build_components(plan)).run(plan.jobs[0])
+    assert sorted(p.suffix for p in (tmp_path / "a" / "out").iterdir()) == [".json", ".mp4", ".png"]
+
+
 def test_same_seed_same_latents_and_video(tmp_path):
     results = []
     for name in ("a", "b"):

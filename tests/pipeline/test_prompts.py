@@ -158,6 +158,18 @@ def test_jsonl_bad_lines_name_line_number(tmp_path, bad_line, needle):
         load_jsonl_prompts(path, [6], 21, 3)
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\u0085", "\x0b", "\x1c"])
+def test_a_line_separator_inside_a_prompt_keeps_it_one_prompt(tmp_path, separator):
+    prompt = f"A fox in the snow.{separator}It looks up at the moon."
+    text = tmp_path / "p.txt"
+    text.write_text(f"{prompt}\r\nA second prompt.\n", encoding="utf-8")
+    assert [s.segments[0].prompts[0][0] for s in load_text_prompts(text, 6, 3)] == [prompt, "A second prompt."]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps({"prompts": [prompt, "b"]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    (video,) = load_jsonl_prompts(jsonl, [3], 6, 3)
+    assert video.segments[0].prompts[0][0] == prompt
+
+
 def test_jsonl_empty_file(tmp_path):
     path = write_jsonl(tmp_path, [""])
     with pytest.raises(MemFlowError, match="has no prompts"):
