@@ -2,5 +2,7 @@
 # Stage 2: streaming long tuning with prompt switches (LoRA).
 # usage: bash train_long.sh [--config_path PATH] [--logdir DIR] [--resume] [key=value ...]
 # Default config: configs/train_long.yaml; default logdir: logs/train_long. A logdir holding this run's
-# checkpoints is resumed automatically. NPROC=N runs N processes (one GPU each) through torchrun with FSDP.
+# checkpoints is resumed automatically (--allow_changed KEY,... accepts deliberate changes). NPROC=N runs N
+# processes per node (one GPU each) through torchrun with FSDP; NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or
+# SLURM under srun) spread them over nodes. SIGTERM/SIGUSR1: checkpoint, exit 75, rerun to continue (docs/clusters.md).
 exec bash "$(dirname "${BASH_SOURCE[0]}")/scripts/launch.sh" scripts/train.py --stage long "$@"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run a Python entry point of this repository with its virtualenv (when present).
 # usage: scripts/launch.sh SCRIPT [args...]   (SCRIPT relative to the repository root)
-# NPROC=N launches N processes (one GPU each) through torchrun instead of one.
+# One process by default; NPROC=N runs N processes per node (one GPU each) through torchrun, and
+# NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or SLURM's variables under srun) spread them over nodes
+# (scripts/launch.py checks them; docs/clusters.md).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="$ROOT/.venv/bin/python"
@@ -10,7 +12,4 @@ PYTHON="$ROOT/.venv/bin/python"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 SCRIPT="$ROOT/$1"
 shift
-if [ "${NPROC:-1}" -gt 1 ]; then
-    exec "$PYTHON" "$ROOT/scripts/torchrun.py" --standalone --nproc_per_node "$NPROC" "$SCRIPT" "$@"
-fi
-exec "$PYTHON" "$SCRIPT" "$@"
+exec "$PYTHON" "$ROOT/scripts/launch.py" "$SCRIPT" "$@"

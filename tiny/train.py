@@ -51,8 +51,8 @@ from tiny.world import (
     split_seeds,
     training_clip,
 )
+from trainer.state import saved_config
 from utils.atomic import atomic_path
-from utils.checkpoint import CheckpointManager, load_checkpoint
 from utils.config import ScriptParser, load_config, parse_cli, to_container
 from utils.errors import ConfigError
 
@@ -253,11 +253,10 @@ def package(argv: list[str]) -> int:
                  stage2 / "lora.pt"):  # fmt: skip
         if not path.is_file():
             raise ConfigError(f"package: {path} is missing; run the earlier stages first")
-    latest = CheckpointManager(stage2).latest()
-    if latest is None:
-        raise ConfigError(f"package: {stage2} holds no checkpoint_*.pt to read the run's model and adapter from; "
+    run = saved_config(stage2)  # the layout stage 2 trained, whatever the toy configs say now
+    if run is None:
+        raise ConfigError(f"package: {stage2} holds no checkpoint to read the run's model and adapter from; "
                           "give the logdir of stage 2 (train.py --stage long)")
-    run = load_checkpoint(latest)["identity"]  # the layout stage 2 trained, whatever the toy configs say now
     model, overrides, adapter = str(run["model"]), dict(run["model_overrides"]), run["adapter"]
     generator = load_dit(stage1 / "base.pt", model, **overrides)
     generator = apply_lora(generator, stage2 / "lora.pt", int(adapter["rank"]), float(adapter["alpha"]), merge=True)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +26,7 @@ from torch import nn
 
 from memflow.scheduler import FlowMatchScheduler
 from memflow.text import TextEncoder
-from utils.checkpoint import capture_rng_state, restore_rng_state
-from utils.config import to_container
+from utils.signals import Preempted, StopRequest
 
 from .data import PromptData
 from .dmd import DMDObjective, ScoreTimestepSampler
@@ -36,15 +36,7 @@ from .networks import Networks, adamw, autocast, trainable_parameters
 from .plan import TrainPlan
 from .rollout import Purpose, derive_seed, shared_randint
 from .sources import Stage1Source, Stage2Source
-from .state import (
-    TrainState,
-    base_export,
-    load_optimizer_state,
-    load_trainable_state,
-    lora_export,
-    optimizer_state,
-    trainable_state,
-)
+from .state import EMAState, ModelState, Saved, TrainState, base_export, lora_export, trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -76,45 +68,35 @@ class DistillTrainer:
         return self.encoder.encode(texts).to(self.plan.device)
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def save(self) -> None:
+    def parts(self) -> dict[str, ModelState | EMAState]:
+        """What a checkpoint holds besides the sample source (torch.distributed.checkpoint's state dict)."""
         nets = self.nets
+        return {"generator": ModelState("generator", nets.generator, self.gen_opt),
+                "critic": ModelState("critic", nets.critic, self.critic_opt),
+                "generator_ema": EMAState("generator_ema", self.ema)}  # fmt: skip
+
+    def save(self) -> Path:
+        """A checkpoint of every rank's shards, then the release export; a collective."""
+        path = self.state.save(self.step, self.parts(), self.source)
+        self.export()
+        return path
+
+    def load(self, saved: Saved) -> None:
+        self.step = self.state.load(saved, self.parts(), self.source)
+
+    def export(self) -> None:
+        """Release files next to the checkpoints: ``lora.pt`` (LoRA runs) or ``base.pt`` (full); rank 0 writes."""
+        nets, plan = self.nets, self.plan
         generator = trainable_state(nets.generator)
-        main = {
-            "step": self.step,
-            "stage": self.plan.stage,
-            "world_size": self.plan.world_size,
-            "generator": generator,
-            "critic": trainable_state(nets.critic),
-            "generator_ema": self.ema.state_dict(),
-            "generator_optimizer": optimizer_state(nets.generator, self.gen_opt),
-            "critic_optimizer": optimizer_state(nets.critic, self.critic_opt),
-            "config": to_container(self.plan.config),
-        }
-        rank = {"rng": capture_rng_state(), "source": self.source.state_dict()}
-        self.state.save(self.step, main, rank)
-        self.export(generator, main["critic"], main["generator_ema"])
-
-    def export(self, generator: dict, critic: dict, ema: dict) -> None:
-        """Release files next to the checkpoints: ``lora.pt`` (LoRA runs) or ``base.pt`` (full)."""
-        if self.plan.rank != 0:
+        if nets.lora:
+            critic = trainable_state(nets.critic)
+            if plan.rank == 0:
+                self.state.export("lora.pt", {"generator_lora": lora_export(generator, plan.adapter.dtype),
+                                              "critic_lora": lora_export(critic, plan.adapter.dtype)})  # fmt: skip
             return
-        if self.nets.lora:
-            dtype = self.plan.adapter.dtype
-            self.state.export("lora.pt", {"generator_lora": lora_export(generator, dtype),
-                                          "critic_lora": lora_export(critic, dtype)})  # fmt: skip
-        else:
+        ema = self.ema.state_dict()
+        if plan.rank == 0:
             self.state.export("base.pt", base_export(generator, ema))
-
-    def load(self, main: dict, rank: dict) -> None:
-        nets = self.nets
-        load_trainable_state(nets.generator, main["generator"])
-        load_trainable_state(nets.critic, main["critic"])
-        self.ema.load_state_dict(main["generator_ema"])
-        load_optimizer_state(nets.generator, self.gen_opt, main["generator_optimizer"])
-        load_optimizer_state(nets.critic, self.critic_opt, main["critic_optimizer"])
-        self.source.load_state_dict(rank["source"])
-        restore_rng_state(rank["rng"])
-        self.step = int(main["step"])
 
     # -- one iteration -----------------------------------------------------------------------------------
     def _clip(self, model: nn.Module, key: str) -> torch.Tensor | None:
@@ -138,8 +120,8 @@ class DistillTrainer:
                     sample = self.source.sample(it, step, grad=True, exit_step=exit_step, generator_phase=True)
                     loss, info = self.dmd.generator_loss(sample.x0, sample.cond)
                 (loss / count).backward()
-                logs.add("generator_loss", loss, count)
-                logs.add("dmd_gradient_norm", info["dmd_gradient_norm"], count)
+                logs.add("generator_loss", loss)
+                logs.add("dmd_gradient_norm", info["dmd_gradient_norm"])
             self._clip(self.nets.generator, "max_grad_norm")
             self.gen_opt.step()
             self.ema.update(it)
@@ -150,11 +132,10 @@ class DistillTrainer:
                 sample = self.source.sample(it, step, grad=False, exit_step=exit_step, generator_phase=False)
                 loss, _ = self.dmd.critic_loss(sample.x0, sample.cond)
             (loss / count).backward()
-            logs.add("critic_loss", loss, count)
+            logs.add("critic_loss", loss)
         self._clip(self.nets.critic, "max_grad_norm_critic")
         self.critic_opt.step()
-        logs.values["exit_step"] = float(exit_step)
-        return logs.values
+        return {**logs.means(plan.device), "exit_step": float(exit_step)}
 
     # -- the run -------------------------------------------------------------------------------------
     def train(self, resume: bool = False, progress: Callable[[int, dict], None] | None = None) -> list[dict]:
@@ -162,22 +143,35 @@ class DistillTrainer:
         return run_loop(self, resume, progress)
 
 
-def run_loop(trainer: Any, resume: bool, progress: Callable[[int, dict], None] | None) -> list[dict]:
+def run_loop(
+    trainer: Any,
+    resume: bool,
+    progress: Callable[[int, dict], None] | None,
+    *,
+    allow_changed: Sequence[str] = (),
+    stop: StopRequest | None = None,
+) -> list[dict]:
     """The shared outer loop of the DMD and ODE trainers: resume, iterate, log, sample, checkpoint.
 
-    ``trainer`` provides ``plan``, ``state``, ``step``, ``iteration(it)``, ``save()``, ``load(main, rank)``,
-    ``encoder`` and ``nets.generator``.
+    ``trainer`` provides ``plan``, ``state``, ``step``, ``iteration(it)``, ``save()``, ``load(saved)``,
+    ``encoder`` and ``nets.generator``. With ``stop``, a stop signal received by any rank ends the run at
+    the next step boundary with a checkpoint of that step and :class:`~utils.signals.Preempted`.
     """
     plan, cfg = trainer.plan, trainer.plan.config
-    found = trainer.state.find_resume(resume)
+    found = trainer.state.find(resume, allow_changed)
     if found is not None:
-        trainer.load(*found)
+        trainer.load(found)
+    saved = trainer.step
     metrics = MetricsLog(plan, trainer.step)
     vis_interval = int(cfg.vis_interval)
     samples = SampleVideos(plan, trainer.nets.generator, trainer.encoder) if vis_interval else None
     history = []
     try:
         while trainer.step < int(cfg.max_iters):
+            signum = stop.agreed(plan.device) if stop is not None else None
+            if signum is not None:
+                path = trainer.save() if trainer.step > saved else None
+                raise Preempted(signum, trainer.step, path)
             values = trainer.iteration(trainer.step)
             for name, value in values.items():
                 if not math.isfinite(value):
@@ -195,6 +189,7 @@ def run_loop(trainer: Any, resume: bool, progress: Callable[[int, dict], None] |
                     log.info("sample video: %s", video)
             if trainer.step % int(cfg.save_interval) == 0 or trainer.step == int(cfg.max_iters):
                 trainer.save()
+                saved = trainer.step
     finally:
         metrics.close()
     return history

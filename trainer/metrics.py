@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +19,15 @@ from pipeline.plan import plan_videos
 from pipeline.runner import Components, VideoRunner
 from pipeline.schedule import PromptSchedule, PromptSegment
 from pipeline.streaming import StreamingGenerator
+from utils.atomic import atomic_path
 from utils.config import require_multiple_of, to_container
-from utils.distributed import all_reduce_mean
+from utils.distributed import gather_floats
 
 from .networks import autocast
 from .plan import TrainPlan
 from .rollout import Purpose, derive_seed
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -34,9 +39,8 @@ class MetricsLog:
         self.wandb = None
         if plan.rank != 0:
             return
-        if self.path.exists():  # drop entries of steps a resumed run will redo
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.path.exists():
+            self._truncate(start_step)
         cfg = plan.config
         if cfg.wandb_key is not None or cfg.wandb_project is not None:
             import wandb
@@ -46,6 +50,24 @@ class MetricsLog:
             mode = "online" if cfg.wandb_key is not None else "offline"
             self.wandb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, config=to_container(cfg),
                                     dir=str(plan.logdir), mode=mode, resume="allow")  # fmt: skip
+
+    def _truncate(self, start_step: int) -> None:
+        """Keep the entries of steps up to ``start_step`` (a resumed run redoes the later ones); drop lines that do
+        not parse, such as the partial last line a killed run leaves; rewrite the file atomically."""
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+                step = int(entry["step"])
+            except (ValueError, TypeError, KeyError):
+                dropped += 1
+                continue
+            if step <= start_step:
+                kept.append(line)
+        if dropped:
+            log.warning("%s: dropped %d line(s) that do not parse (a killed run's last write)", self.path, dropped)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if self.plan.rank != 0:
@@ -113,9 +135,27 @@ class SampleVideos:
 
 @dataclass
 class StepLog:
-    """Losses of one iteration, averaged over micro-batches and ranks."""
+    """Losses of one iteration: the mean over every global micro-batch, whatever the number of ranks.
 
-    values: dict[str, float] = field(default_factory=dict)
+    Each rank adds one value per accumulation step; :meth:`means` gathers them from every rank and sums
+    them exactly rounded (``math.fsum``), so W ranks x A steps report bit for bit what W * A steps on one
+    rank report for the same samples.
+    """
 
-    def add(self, name: str, value: torch.Tensor, count: int) -> None:
-        self.values[name] = self.values.get(name, 0.0) + float(all_reduce_mean(value.detach().float())) / count
+    local: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.local.setdefault(name, []).append(float(value.detach()))
+
+    def means(self, device: torch.device) -> dict[str, float]:
+        """{name: mean over all micro-batches of all ranks}; a collective (every rank adds the same names)."""
+        names = list(self.local)
+        flat = [v for name in names for v in self.local[name]]
+        ranks = gather_floats(flat, device)
+        out, offset = {}, 0
+        for name in names:
+            count = len(self.local[name])
+            values = [v for rank in ranks for v in rank[offset : offset + count]]
+            out[name] = math.fsum(values) / len(values)
+            offset += count
+        return out

@@ -19,24 +19,16 @@ import torch
 
 from memflow.scheduler import FlowMatchScheduler
 from memflow.text import TextEncoder
-from utils.checkpoint import capture_rng_state, restore_rng_state
-from utils.distributed import all_reduce_mean, barrier
+from utils.distributed import barrier
 
 from .data import PromptData
 from .ema import EMA
+from .metrics import StepLog
 from .networks import Networks, adamw, autocast, load_score_model, shard
 from .ode_init import ODEPairDataset, generate_ode_pairs, ode_regression_loss, save_ode_shard
 from .plan import TrainPlan
 from .rollout import ChunkNoise, Purpose, derive_seed
-from .state import (
-    TrainState,
-    base_export,
-    load_optimizer_state,
-    load_trainable_state,
-    lora_export,
-    optimizer_state,
-    trainable_state,
-)
+from .state import EMAState, ModelState, Saved, TrainState, base_export, lora_export, trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -100,30 +92,25 @@ class ODETrainer:
         return written
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def save(self) -> None:
-        generator = trainable_state(self.nets.generator)
-        ema = self.ema.state_dict()
-        main = {
-            "step": self.step,
-            "stage": self.plan.stage,
-            "world_size": self.plan.world_size,
-            "generator": generator,
-            "generator_ema": ema,
-            "generator_optimizer": optimizer_state(self.nets.generator, self.opt),
-        }
-        self.state.save(self.step, main, {"rng": capture_rng_state()})
-        if self.plan.rank == 0:
-            if self.nets.lora:
-                self.state.export("lora.pt", {"generator_lora": lora_export(generator, self.plan.adapter.dtype)})
-            else:
-                self.state.export("base.pt", base_export(generator, ema))
+    def parts(self) -> dict[str, ModelState | EMAState]:
+        return {"generator": ModelState("generator", self.nets.generator, self.opt),
+                "generator_ema": EMAState("generator_ema", self.ema)}  # fmt: skip
 
-    def load(self, main: dict, rank: dict) -> None:
-        load_trainable_state(self.nets.generator, main["generator"])
-        self.ema.load_state_dict(main["generator_ema"])
-        load_optimizer_state(self.nets.generator, self.opt, main["generator_optimizer"])
-        restore_rng_state(rank["rng"])
-        self.step = int(main["step"])
+    def save(self) -> Path:
+        """A checkpoint of every rank's shards, then ``lora.pt`` / ``base.pt`` (rank 0); a collective."""
+        path = self.state.save(self.step, self.parts())
+        generator = trainable_state(self.nets.generator)
+        if self.nets.lora:
+            if self.plan.rank == 0:
+                self.state.export("lora.pt", {"generator_lora": lora_export(generator, self.plan.adapter.dtype)})
+            return path
+        ema = self.ema.state_dict()
+        if self.plan.rank == 0:
+            self.state.export("base.pt", base_export(generator, ema))
+        return path
+
+    def load(self, saved: Saved) -> None:
+        self.step = self.state.load(saved, self.parts())
 
     # -- phase 2 ---------------------------------------------------------------------------------------
     def iteration(self, it: int) -> dict[str, float]:
@@ -133,7 +120,7 @@ class ODETrainer:
             self.dataset = ODEPairDataset(self.pairs_dir)
             self.data = PromptData(list(range(len(self.dataset))), None, plan.batch_size, plan.seed)
         self.opt.zero_grad(set_to_none=True)
-        total = 0.0
+        logs = StepLog()
         for step in range(plan.accumulation):
             group = plan.group(step)
             items = [self.dataset[i] for i in self.data.batch(it, group, plan.groups)[0]]
@@ -145,10 +132,10 @@ class ODETrainer:
                 loss = ode_regression_loss(self.nets.generator, self.scheduler, trajectory, items[0]["timesteps"],
                                            cond, plan.stream.num_frame_per_block, generator=draws)  # fmt: skip
             (loss / plan.accumulation).backward()
-            total += float(all_reduce_mean(loss.detach())) / plan.accumulation
+            logs.add("ode_loss", loss)
         limit = float(plan.config.max_grad_norm)
         if limit > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.nets.generator.parameters() if p.requires_grad], limit)
         self.opt.step()
         self.ema.update(it)
-        return {"ode_loss": total}
+        return logs.means(plan.device)

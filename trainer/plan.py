@@ -313,11 +313,23 @@ def _prompts(cfg: DictConfig, stage: str) -> tuple[list[str], list[str] | None]:
     return prompts, switch_prompts
 
 
+def _logdir(logdir: str | Path) -> Path:
+    """The logdir, which may be new but must not be (or lie inside) a file."""
+    path = Path(logdir)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"--logdir {path}: {folder} is a file, not a folder; choose another --logdir")
+            break
+    return path
+
+
 def plan_training(
     cfg: DictConfig, logdir: str | Path, *, stage: str | None = None, rank: int = 0, world_size: int = 1,
     local_rank: int = 0,
 ) -> TrainPlan:  # fmt: skip
     """Validate every input of a training run (no model is loaded, nothing is written)."""
+    logdir = _logdir(logdir)
     stage = _stage(cfg, stage)
     stream = _stream(cfg)
     chunk = stream.num_frame_per_block
@@ -343,5 +355,5 @@ def plan_training(
         batch_size=batch, accumulation=accumulation, rank=rank, world_size=world_size, adapter=adapter,
         streaming=streaming, prompts=prompts, switch_prompts=switch_prompts, device=device,
         mixed_precision=bool(cfg.mixed_precision) and device.type == "cuda", sharding=SHARDING[sharding],
-        logdir=Path(logdir),
+        logdir=logdir,
     )  # fmt: skip

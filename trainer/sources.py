@@ -7,7 +7,7 @@ across iterations (:class:`~trainer.rollout.StreamingRollout`). Both draw their 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -65,10 +65,14 @@ class Stage1Source:
         return Sample(result.x0, result.prompt)
 
     def state_dict(self) -> dict:
+        """The data position, shared by all ranks (each rollout is fresh: nothing per micro-batch)."""
         return {"draws": self.draws}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.draws = int(state["draws"])
+    def group_states(self) -> dict[int, dict]:
+        return {}
+
+    def load_state_dict(self, shared: dict, groups: Mapping[int, dict]) -> None:
+        self.draws = int(shared["draws"])
 
 
 class Stage2Source:
@@ -124,11 +128,15 @@ class Stage2Source:
         return Sample(result.x0, result.prompt)
 
     def state_dict(self) -> dict:
-        return {"draws": self.draws, "rollout_index": self.rollout_index,
-                "rollouts": [r.state_dict() for r in self.rollouts]}  # fmt: skip
+        """The data position and rollout count, shared by all ranks."""
+        return {"draws": self.draws, "rollout_index": self.rollout_index}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.draws = int(state["draws"])
-        self.rollout_index = int(state["rollout_index"])
-        for rollout, saved in zip(self.rollouts, state["rollouts"], strict=True):
-            rollout.load_state_dict(saved)
+    def group_states(self) -> dict[int, dict]:
+        """This rank's rollouts (with their caches) by global micro-batch, so any rank layout can take them over."""
+        return {self.plan.group(step): rollout.state_dict() for step, rollout in enumerate(self.rollouts)}
+
+    def load_state_dict(self, shared: dict, groups: Mapping[int, dict]) -> None:
+        self.draws = int(shared["draws"])
+        self.rollout_index = int(shared["rollout_index"])
+        for step, rollout in enumerate(self.rollouts):
+            rollout.load_state_dict(groups[self.plan.group(step)])

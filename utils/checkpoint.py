@@ -1,27 +1,33 @@
-"""Atomic checkpoint I/O, rotation and RNG state capture.
+"""Atomic checkpoint I/O and the checkpoints of a logdir.
 
-A checkpoint is written to a temporary file in the destination folder and moved into place
-with ``os.replace``, so a crash or SIGKILL mid-save leaves the previous checkpoint untouched.
-Checkpoints are read with ``torch.load(..., weights_only=True)``: they may only hold tensors,
-dicts, lists, tuples, numbers, strings and None, which is why RNG states are stored as tensors.
+A single file is written to a temporary file in the destination folder and moved into place with
+``os.replace``, so a crash or SIGKILL mid-save leaves the previous file untouched. Files are read with
+``torch.load(..., weights_only=True)``: they may only hold tensors, dicts, lists, tuples, numbers,
+strings and None.
+
+A logdir's checkpoints are folders ``checkpoint_{step:06d}/``, each written under the temporary name
+``.checkpoint_{step:06d}.tmp`` and renamed once complete, so a folder with the final name is always
+whole; earlier versions wrote single files ``checkpoint_{step:06d}.pt`` (with per-rank companions
+``rank_{step:06d}_{rank:03d}.pt``), which are still listed, read and rotated. Everything an interrupted
+save leaves behind is named ``.*.tmp`` (:func:`remove_leftovers`).
 """
 
 from __future__ import annotations
 
 import os
-import random
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from utils.atomic import atomic_path
+from utils.atomic import atomic_path, fsync_dir
 from utils.errors import ConfigError, WeightsError
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{6,})\.pt$")
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d{6,})(\.pt)?$")
+LEFTOVER_GLOB = ".*.tmp"
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -45,12 +51,41 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from err
 
 
-class CheckpointManager:
-    """``checkpoint_{step:06d}.pt`` files in ``logdir``, keeping the newest ``max_checkpoints``.
+def _size(path: Path) -> int:
+    if path.is_dir() and not path.is_symlink():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    return path.lstat().st_size
 
-    Older checkpoints are deleted only after the new one is completely written. Saving never
-    replaces an existing file: a step that already has a checkpoint (e.g. from another run in
-    the same logdir) raises ``ConfigError``.
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_leftovers(folder: str | os.PathLike) -> tuple[int, int]:
+    """Delete what interrupted writes left under ``folder`` (files and folders named ``.*.tmp``).
+
+    Only safe while no other process writes there (the caller holds the folder's lock). Returns the
+    number of entries removed and their size in bytes.
+    """
+    count = size = 0
+    for path in sorted(Path(folder).rglob(LEFTOVER_GLOB), key=lambda p: len(p.parts)):
+        if not path.exists() and not path.is_symlink():
+            continue  # inside a leftover folder removed just before
+        size += _size(path)
+        _delete(path)
+        count += 1
+    return count, size
+
+
+class CheckpointManager:
+    """The checkpoints of ``logdir``, keeping the newest ``max_checkpoints``.
+
+    :meth:`begin` gives an empty temporary folder for a step, :meth:`commit` renames it into place (the
+    commit point) and then deletes the oldest checkpoints. A step that already has a checkpoint (e.g.
+    from another run in the same logdir) raises ``ConfigError``: nothing is ever overwritten.
     """
 
     def __init__(self, logdir: str | os.PathLike, max_checkpoints: int = 3):
@@ -60,16 +95,19 @@ class CheckpointManager:
         self.max_checkpoints = max_checkpoints
 
     def path(self, step: int) -> Path:
-        return self.logdir / f"checkpoint_{step:06d}.pt"
+        return self.logdir / f"checkpoint_{step:06d}"
+
+    def temporary(self, step: int) -> Path:
+        return self.logdir / f".checkpoint_{step:06d}.tmp"
 
     def checkpoints(self) -> list[tuple[int, Path]]:
-        """(step, path) of every complete checkpoint, oldest first."""
+        """(step, path) of every complete checkpoint (folders and earlier single files), oldest first."""
         if not self.logdir.is_dir():
             return []
         found = []
         for p in self.logdir.iterdir():
             match = CHECKPOINT_PATTERN.match(p.name)
-            if match and p.is_file():
+            if match and (p.is_file() if match.group(2) else p.is_dir()):
                 found.append((int(match.group(1)), p))
         return sorted(found)
 
@@ -77,50 +115,39 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1][1] if found else None
 
-    def save(self, state: Mapping[str, Any], step: int) -> Path:
-        """Write the checkpoint of ``step``, then delete the oldest beyond ``max_checkpoints``."""
-        target = self.path(step)
-        if target.exists():
-            raise ConfigError(
-                f"{target} already exists (another run's checkpoint?): use a new logdir or resume from it"
-            )
-        save_checkpoint(state, target)
-        for _, old in self.checkpoints()[: -self.max_checkpoints]:
-            old.unlink()
+    def begin(self, step: int) -> Path:
+        """An empty temporary folder for the checkpoint of ``step`` (a killed save's leftover is replaced)."""
+        for existing in (self.path(step), self.path(step).with_suffix(".pt")):
+            if existing.exists():
+                raise ConfigError(
+                    f"{existing} already exists (another run's checkpoint?): use a new logdir or resume from it"
+                )
+        tmp = self.temporary(step)
+        _delete(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, step: int) -> Path:
+        """Rename the complete temporary folder of ``step`` into place, then rotate."""
+        tmp, target = self.temporary(step), self.path(step)
+        fsync_dir(tmp)
+        os.rename(tmp, target)
+        fsync_dir(self.logdir)
+        for old_step, old in self.checkpoints()[: -self.max_checkpoints]:
+            self._remove(old_step, old)
         return target
+
+    def _remove(self, step: int, path: Path) -> None:
+        """Delete a checkpoint so that it is never seen half-deleted: a folder is renamed away first."""
+        if path.is_dir():
+            doomed = self.logdir / f".{path.name}.deleted.tmp"
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            return
+        path.unlink()
+        for companion in self.logdir.glob(f"rank_{step:06d}_*.pt"):
+            companion.unlink(missing_ok=True)
 
     @staticmethod
     def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
         return load_checkpoint(path, map_location)
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Torch CPU/CUDA, python ``random`` and numpy generator states, as weights-only-safe values."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of ``capture_rng_state``."""
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    keys = npy["keys"].numpy().astype(np.uint32)
-    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

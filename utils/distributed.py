@@ -6,9 +6,12 @@ A model sharded with FSDP2 holds DTensors of its local shard; :func:`full_state_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,6 +67,23 @@ def init_distributed() -> DistributedEnv:
     return DistributedEnv(rank, world_size, local_rank, device)
 
 
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """A process group for the block: torchrun's, or else one of this process alone, destroyed afterwards.
+
+    A single process then runs the same FSDP code as W ranks (sharding, gradient reduction, checkpoint
+    collectives), so its numbers match theirs and its checkpoints are the same sharded kind.
+    """
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def setup_logging(env: DistributedEnv) -> None:
     """INFO logs on the main rank, warnings elsewhere, rank-prefixed when there are several processes."""
     prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
@@ -81,13 +101,32 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of ``tensor`` over all ranks (a new tensor; the input itself when alone)."""
+def any_rank(value: int, device: torch.device) -> int:
+    """The largest of every rank's ``value`` (``value`` itself when alone): e.g. whether any rank saw a signal."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensor
-    out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / dist.get_world_size()
+        return value
+    out = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return int(out.item())
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable; ``obj`` itself when alone), so all ranks act on one decision."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's ``values`` (the same count on each), in rank order; exact float64 values."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [list(values)]
+    local = torch.tensor(values, dtype=torch.float64, device=device)
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return [t.tolist() for t in out]
 
 
 def _is_sharded(model: nn.Module) -> bool:

@@ -1,9 +1,11 @@
-"""Training end to end on tiny random models (CPU): ODE init, stage 1, stage 2, resume, kill, 2 ranks, errors."""
+"""Training end to end on tiny random models (CPU): ODE init, stages 1 and 2, resume, kill, errors, earlier formats."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from trainer.distill import DistillTrainer, run_loop
 from trainer.networks import build_networks, build_text_encoder
 from trainer.plan import plan_training
 from trainer.rollout import StreamingRollout
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import load_config
 from utils.errors import ConfigError, MemFlowError, WeightsError
 
@@ -43,11 +45,14 @@ def metrics(logdir: Path) -> list[dict]:
     return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC", "NNODES", "NODE_RANK",
+                    "SHUTDOWN_TIMEOUT")  # fmt: skip
+
+
+def _env(**extra: str) -> dict:
+    """This process's environment for a child run, without any launch or SLURM settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith("SLURM_")}
+    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
 
 
 def _random_tiny():
@@ -72,23 +77,36 @@ def test_ode_init_trains_the_generator_and_exports_base_pt(tmp_path):
     assert "blocks.0.self_attn.q.weight" in changed
 
 
-# Stage 1 killed with SIGKILL while writing the checkpoint of step 3 (its rank file is already written).
+# Stage 1 killed with SIGKILL while every rank writes its shards of the checkpoint of step 3.
 _KILLED = """
 import os, signal, sys, torch
+import torch.distributed.checkpoint.filesystem as filesystem
 torch.set_num_threads(int(os.environ["TORCH_THREADS"]))  # the test's own, so losses compare bit for bit
-real_save = torch.save
-def save(obj, f, *args, **kwargs):
-    target = os.fspath(f) if isinstance(f, (str, os.PathLike)) else f.name
-    if "checkpoint_000003" in target:
-        with open(target, "wb") as partial:
-            partial.write(b"half a checkpoint")
+real_write = filesystem._write_item
+def write_item(transforms, stream, *args, **kwargs):
+    if ".checkpoint_000003.tmp" in str(getattr(stream, "name", "")):
+        stream.write(b"half a shard")
+        stream.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, f, *args, **kwargs)
-torch.save = save
+    return real_write(transforms, stream, *args, **kwargs)
+filesystem._write_item = write_item
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 exec(compile(open(script).read(), script, "exec"), {"__name__": "__main__", "__file__": script})
 """
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """A checkpoint folder's tensors (torch.distributed.checkpoint shards) as one nested dict."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    single = folder.parent / f"{folder.name}.single.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_to_torch_save(folder, single)
+    state = torch.load(single, weights_only=False)
+    single.unlink()
+    return state
 
 
 def test_stage1_trains_and_resumes_exactly_after_a_kill_mid_save(tmp_path):
@@ -110,17 +128,29 @@ def test_stage1_trains_and_resumes_exactly_after_a_kill_mid_save(tmp_path):
     result = subprocess.run([str(PYTHON), str(driver), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == -9, result.stderr[-2000:]
-    assert not (run / "checkpoint_000003.pt").exists() and list(run.glob(".checkpoint_000003.pt.*.tmp"))
-    assert (run / "rank_000003_000.pt").exists()  # written before the commit point: ignored on resume
-    assert load_checkpoint(run / "checkpoint_000002.pt")["step"] == 2
+    assert not (run / "checkpoint_000003").exists()
+    assert (run / ".checkpoint_000003.tmp" / "__0_0.distcp").read_bytes().endswith(b"half a shard")
+    assert load_checkpoint(run / "checkpoint_000002" / "meta.pt")["step"] == 2
+    (run / ".base.pt.x1y2.tmp").write_bytes(b"an export killed mid-write")  # what earlier versions left too
     resumed = train("init", run, "save_interval=1", "vis_interval=0")
     assert resumed == straight  # identical losses for every step, the resumed steps 3 and 4 included
-    final, reference = load_checkpoint(run / "checkpoint_000004.pt"), load_checkpoint(tmp_path / "straight" /
-                                                                                       "checkpoint_000004.pt")
-    for entry in ("generator", "critic", "generator_ema"):
-        assert final[entry].keys() == reference[entry].keys()
-        assert all(torch.equal(final[entry][k], reference[entry][k]) for k in final[entry])
-    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == ["checkpoint_000003.pt", "checkpoint_000004.pt"]
+    final = read_checkpoint(run / "checkpoint_000004")
+    reference = read_checkpoint(tmp_path / "straight" / "checkpoint_000004")
+    for entry in ("generator", "critic"):
+        for part in ("model", "optim"):
+            assert _tensors(final[entry][part]) == _tensors(reference[entry][part])
+    assert _tensors(final["generator_ema"]) == _tensors(reference["generator_ema"])
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_000003", "checkpoint_000004"]
+    assert not list(run.rglob("*.tmp"))  # the killed save's and export's leftovers were removed on start
+
+
+def _tensors(tree: object, prefix: str = "") -> dict[str, bytes]:
+    """Every tensor of a nested state dict by path, as raw bytes (bit-for-bit comparison)."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _tensors(value, f"{prefix}{key}.").items()}
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree.reshape(-1).view(torch.uint8).numpy().tobytes() + str(tree.shape).encode()}
+    return {}
 
 
 def _stage2(logdir: Path, *overrides: str) -> DistillTrainer:
@@ -195,24 +225,6 @@ def test_stage2_resume_is_exact_and_lora_changes_inference(tmp_path):
     assert plain.shape == tuned.shape and (plain - tuned).abs().max() > 1e-4
 
 
-_TWO_RANKS = ["max_iters=3", "vis_interval=0", "save_interval=3"]
-
-
-def test_two_gloo_ranks_give_the_losses_of_one_process(tmp_path):
-    one = train("init", tmp_path / "one", *_TWO_RANKS)  # batch 1 x 2 accumulation steps
-    torchrun = PYTHON.with_name("torchrun")
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "scripts" / "train.py"),
-               "--stage", "init", "--config_path", str(TINY / "train_init.yaml"), "--logdir", str(tmp_path / "two"),
-               *_TWO_RANKS]
-    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    two = metrics(tmp_path / "two")  # batch 1 on each of 2 ranks
-    assert [r.keys() for r in two] == [r.keys() for r in one]
-    for a, b in zip(one, two, strict=True):
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
-
-
 def _expect(tmp_path, error, match, *overrides, stage="init", config=None):
     logdir = tmp_path / "never"
     with pytest.raises(error, match=match):
@@ -245,6 +257,12 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
                                                                      "model_overrides: {}"))
     _expect(tmp_path, ConfigError, r"real_name=wan2.1-t2v-1.3b does not match the generator's layout \(text_dim: 4096 "
             "vs 32", "real_name=wan2.1-t2v-1.3b", config=str(plain))
+    file = tmp_path / "file.txt"
+    file.write_text("not a folder")
+    for logdir in (file, file / "sub"):
+        with pytest.raises(ConfigError, match=f"--logdir {logdir}: {file} is a file, not a folder; choose another"):
+            train_cli(["--config_path", str(TINY / "train_init.yaml"), "--logdir", str(logdir)])
+    assert file.read_text() == "not a folder"
 
 
 def test_cli_errors_are_one_line_with_exit_2_and_other_runs_are_protected(tmp_path):
@@ -262,6 +280,61 @@ def test_cli_errors_are_one_line_with_exit_2_and_other_runs_are_protected(tmp_pa
         train("init", run, "max_iters=2", "vis_interval=0", "seed=1")
     with pytest.raises(ConfigError, match="belongs to a different run"):
         train("init", run, "max_iters=2", "vis_interval=0", "seed=1", "--resume")
+
+
+def test_resume_names_every_changed_key_allows_named_ones_and_survives_a_partial_metrics_line(tmp_path):
+    run = tmp_path / "run"
+    first = train("init", run, "max_iters=1", "vis_interval=0")
+    other = tmp_path / "other.txt"
+    other.write_text("A lighthouse in a storm.\n")
+    changed = ["lr=0.5", "lr_critic=0.5", f"data_path={other}", "model_kwargs.memory=none"]
+    with pytest.raises(ConfigError) as refused:
+        train("init", run, "--resume", "max_iters=2", "vis_interval=0", *changed)
+    message = str(refused.value)
+    assert message.startswith(f"--resume: {run / 'checkpoint_000001'} belongs to a different run: data_path (other "
+                              "prompts: saved sha256:")  # fmt: skip
+    named = ("; lr (saved 0.0001, now 0.5); lr_critic (saved 0.0001, now 0.5); model_kwargs.memory (saved 'nam', now "
+             "'none'); use its config, --allow_changed data_path,lr,lr_critic,model_kwargs.memory to continue")
+    assert named in message
+    assert metrics(run) == first and sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_000001"]
+    with pytest.raises(ConfigError, match="--allow_changed batch_size: the checkpoint's tensors"):
+        train("init", run, "--allow_changed", "batch_size", "batch_size=2", "total_batch_size=2")
+
+    with (run / "metrics.jsonl").open("a") as partial:  # what a kill in the middle of a metrics write leaves
+        partial.write('{"step": 2, "critic_lo')
+    moved = tmp_path / "moved.txt"  # the same prompts in another file are the same run
+    moved.write_text((ROOT / "prompts" / "train_example.txt").read_text())
+    rows = train("init", run, "max_iters=2", "vis_interval=0", "lr=0.5", "--allow_changed", "lr", f"data_path={moved}")
+    assert rows[:1] == first and [r["step"] for r in rows] == [1, 2]
+    groups = read_checkpoint(run / "checkpoint_000002")["generator"]["optim"]["param_groups"]
+    assert [group["lr"] for group in groups] == [0.5]  # the allowed change took effect over the saved lr
+
+
+def _to_single_file(folder: Path) -> None:
+    """Rewrite a checkpoint folder in the single-file layout of earlier versions (main file + per-rank file)."""
+    state, meta = read_checkpoint(folder), load_checkpoint(folder / "meta.pt")
+    step = meta["step"]
+    main = {"format": "memflow-train-1", "step": step, "stage": meta["stage"], "world_size": 1,
+            "identity": {k: meta["config"][k] for k in ("stage", "model", "seed", "batch_size")},
+            "config": meta["config"], "generator_ema": state["generator_ema"]}  # fmt: skip
+    for name in ("generator", "critic"):
+        main[name], main[f"{name}_optimizer"] = state[name]["model"], state[name]["optim"]
+    save_checkpoint(main, folder.with_suffix(".pt"))
+    rollouts = [load_checkpoint(folder / f"source_{g:04d}.pt") for g in range(meta["groups"])]
+    save_checkpoint({"rng": {}, "source": {**meta["source"], "rollouts": rollouts}},
+                    folder.parent / f"rank_{step:06d}_000.pt")  # fmt: skip
+    shutil.rmtree(folder)
+
+
+def test_checkpoints_of_the_earlier_single_file_layout_still_resume_exactly(tmp_path):
+    straight = train("long", tmp_path / "straight", "vis_interval=0", "max_iters=3", "save_interval=1")
+    run = tmp_path / "old"
+    train("long", run, "vis_interval=0", "max_iters=1", "save_interval=1")
+    _to_single_file(run / "checkpoint_000001")
+    resumed = train("long", run, "vis_interval=0", "max_iters=3", "save_interval=1", "max_checkpoints=1")
+    assert resumed == straight
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name or p.name.startswith("rank_")) == [
+        "checkpoint_000003"]  # rotation removed the old file and its per-rank companion
 
 
 def test_package_merges_the_lora_into_the_layout_stage2_trained_and_needs_its_checkpoint(tmp_path):

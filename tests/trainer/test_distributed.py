@@ -5,10 +5,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 from memflow.dit import build_dit
 from trainer.networks import shard_model
-from utils.distributed import all_reduce_mean, full_state_dict, init_distributed, is_main_process, load_full_state_dict
+from utils.distributed import (
+    any_rank,
+    broadcast_object,
+    full_state_dict,
+    gather_floats,
+    init_distributed,
+    is_main_process,
+    load_full_state_dict,
+    process_group,
+)
 from utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,8 +35,8 @@ from torch.distributed.tensor import DTensor
 from memflow.dit import build_dit
 from trainer.ema import EMA
 from trainer.networks import shard_model
-from utils.distributed import (all_reduce_mean, barrier, full_state_dict, init_distributed,
-                               is_main_process, load_full_state_dict)
+from utils.distributed import (any_rank, barrier, broadcast_object, full_state_dict, gather_floats,
+                               init_distributed, is_main_process, load_full_state_dict)
 
 env = init_distributed()
 assert env.world_size == 2 and dist.get_backend() == "gloo"
@@ -84,7 +94,9 @@ with torch.no_grad():
 ema.load_state_dict(ref_ema.state_dict())
 close(ema.state_dict()["blocks.0.self_attn.q.weight"], ref_ema.state_dict()["blocks.0.self_attn.q.weight"])
 
-assert all_reduce_mean(torch.tensor([float(env.rank)])).item() == 0.5
+assert any_rank(env.rank, env.device) == 1
+assert broadcast_object(f"rank {env.rank}") == "rank 0"
+assert gather_floats([env.rank + 0.1, 2.0], env.device) == [[0.1, 2.0], [1.1, 2.0]]
 barrier()
 dist.destroy_process_group()
 (out_dir / f"rank{env.rank}.ok").write_text("ok")
@@ -119,14 +131,23 @@ def test_single_process_fallback(monkeypatch):
     env = init_distributed()
     assert (env.rank, env.world_size, env.is_main) == (0, 1, True)
     assert is_main_process()
-    value = torch.tensor([3.0])
-    assert all_reduce_mean(value) is value
+    assert any_rank(3, env.device) == 3 and broadcast_object("x") == "x"
+    assert gather_floats([0.5], env.device) == [[0.5]]
     model = build_dit("tiny")
     assert shard_model(model, mixed_precision=True, cpu=True) is model
     state = full_state_dict(model)
     copy = build_dit("tiny")
     load_full_state_dict(copy, state)
     assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), model.state_dict().values(), strict=False))
+
+
+def test_a_lone_process_gets_a_group_of_its_own_for_the_block():
+    assert not torch.distributed.is_initialized()
+    with process_group(torch.device("cpu")):
+        assert torch.distributed.get_world_size() == 1
+        model = shard_model(build_dit("tiny"), mixed_precision=False, cpu=True)
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert not torch.distributed.is_initialized()
 
 
 def test_bad_settings_are_config_errors(monkeypatch):

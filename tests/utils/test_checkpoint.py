@@ -1,15 +1,13 @@
-import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from utils.checkpoint import CheckpointManager, load_checkpoint, remove_leftovers, save_checkpoint
 from utils.errors import ConfigError, WeightsError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,34 +59,35 @@ def test_truncated_checkpoint_raises_weights_error(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_rotation_latest_and_no_silent_overwrite(tmp_path):
+def test_folders_commit_by_rename_rotate_and_never_overwrite(tmp_path):
     manager = CheckpointManager(tmp_path / "run", max_checkpoints=2)
     assert manager.latest() is None
-    for step in (100, 200, 300, 400):
-        manager.save({"step": step}, step)
-    assert [p.name for _, p in manager.checkpoints()] == ["checkpoint_000300.pt", "checkpoint_000400.pt"]
-    assert manager.latest() == tmp_path / "run" / "checkpoint_000400.pt"
-    assert manager.load(manager.latest())["step"] == 400
+    manager.logdir.mkdir()
+    save_checkpoint({"step": 50}, manager.logdir / "checkpoint_000050.pt")  # an earlier version's single file
+    (manager.logdir / "rank_000050_000.pt").write_bytes(b"its per-rank companion")
+    for step in (100, 200, 300):
+        tmp = manager.begin(step)
+        (tmp / "part").write_text(str(step))
+        assert manager.latest() != manager.path(step)  # invisible until committed
+        manager.commit(step)
+    assert [p.name for _, p in manager.checkpoints()] == ["checkpoint_000200", "checkpoint_000300"]
+    assert (manager.latest() / "part").read_text() == "300"
+    assert sorted(p.name for p in manager.logdir.iterdir()) == ["checkpoint_000200", "checkpoint_000300"]
     with pytest.raises(ConfigError, match="already exists"):
-        CheckpointManager(tmp_path / "run", max_checkpoints=2).save({"step": 0}, 400)
-    assert manager.load(manager.latest())["step"] == 400
+        CheckpointManager(tmp_path / "run", max_checkpoints=2).begin(300)
     with pytest.raises(ConfigError, match="max_checkpoints"):
         CheckpointManager(tmp_path, max_checkpoints=0)
 
 
-def _draws():
-    return torch.rand(3), random.random(), np.random.rand(2), np.random.randn()
-
-
-def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
-    torch.manual_seed(1)
-    random.seed(2)
-    np.random.seed(3)
-    np.random.randn()  # leave a cached gaussian in numpy's state
-    save_checkpoint({"rng": capture_rng_state()}, tmp_path / "rng.pt")
-    first = _draws()
-    restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
-    second = _draws()
-    assert torch.equal(first[0], second[0])
-    assert first[1] == second[1]
-    assert np.array_equal(first[2], second[2]) and first[3] == second[3]
+def test_a_killed_save_leaves_only_temporaries_which_are_removed(tmp_path):
+    manager = CheckpointManager(tmp_path, max_checkpoints=3)
+    manager.begin(1)
+    manager.commit(1)
+    (manager.begin(2) / "__0_0.distcp").write_bytes(b"x" * 1000)  # killed before its commit
+    (tmp_path / ".base.pt.abc123.tmp").write_bytes(b"y" * 10)  # an atomic write killed mid-file
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / ".sample.json.q.tmp").write_bytes(b"z")
+    assert [s for s, _ in manager.checkpoints()] == [1]
+    assert remove_leftovers(tmp_path) == (3, 1011)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000001", "samples"]
+    assert remove_leftovers(tmp_path) == (0, 0)
