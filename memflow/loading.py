@@ -70,10 +70,28 @@ def missing_weights(
     missing = []
     if weights_dir is not None:
         missing += _missing_in_folder(Path(weights_dir), model, text_encoder, need_dit=generator_ckpt is None)
-    for path in (generator_ckpt, *checkpoints):
+    if generator_ckpt is not None and not Path(generator_ckpt).is_file():
+        missing.append((Path(generator_ckpt), checkpoint_hint(generator_ckpt)))
+    for path in checkpoints:
         if path is not None and not Path(path).is_file():
             missing.append((Path(path), DOWNLOAD_HINTS["memflow"]))
     return missing
+
+
+def checkpoint_hint(path: str | Path) -> str:
+    """How to download a generator checkpoint the configs name: Self-Forcing's ODE initialisation,
+    LongLive's stage-1 generator, else the MemFlow release."""
+    name = Path(path).name
+    return DOWNLOAD_HINTS["ode_init" if name == "ode_init.pt" else "longlive" if "longlive" in name else "memflow"]
+
+
+def missing_dit(path: str | Path, preset: str) -> list[tuple[Path, str]]:
+    """A DiT weights file or Wan2.1 folder (either layout) that is absent, with its download command."""
+    path = Path(path)
+    if path.is_file() or _dit_present(path) or _dit_present(path / "transformer"):
+        return []
+    is_file = path.suffix in (".safetensors", ".pt", ".pth", ".json")  # Wan folder names hold dots too
+    return [(path if is_file else path / WAN_DIT_FILE, DOWNLOAD_HINTS.get(preset, DOWNLOAD_HINTS["diffusers"]))]
 
 
 def check_weights(missing: Sequence[tuple[Path, str]]) -> None:

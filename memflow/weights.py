@@ -46,6 +46,8 @@ DOWNLOAD_HINTS = {
         "huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir wan_models/Wan2.1-T2V-1.3B-Diffusers"
     ),
     "memflow": "huggingface-cli download KlingTeam/MemFlow --local-dir checkpoints",
+    "ode_init": "huggingface-cli download gdhe17/Self-Forcing checkpoints/ode_init.pt --local-dir .",
+    "longlive": "huggingface-cli download Efficient-Large-Model/LongLive-1.3B models/longlive_base.pt --local-dir .",
 }
 
 # Names that FSDP, torch.compile and activation checkpointing insert into parameter paths.

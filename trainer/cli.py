@@ -14,6 +14,7 @@ from utils.distributed import barrier, init_distributed, process_group, setup_lo
 from utils.errors import ConfigError
 from utils.signals import PREEMPTED, Preempted, StopRequest
 
+from .compat import release_flags, release_training
 from .distill import DistillTrainer, run_loop
 from .identity import check_allowed
 from .logdir import hold_logdir
@@ -55,6 +56,12 @@ def _stage(argv: list[str]) -> tuple[str | None, list[str]]:
     return stage, rest
 
 
+def configured_stage(config_path: str) -> str:
+    """The ``stage`` a config file names (a release file names none: stage 1), for its defaults."""
+    stage = load_config(config_path).get("stage", "init")
+    return stage if stage in STAGES else "init"
+
+
 def _trainer(plan: TrainPlan) -> DistillTrainer | ODETrainer:
     """The stage's trainer on freshly built networks (the ODE stage writes its missing trajectory pairs first)."""
     nets = build_networks(plan, with_scores=plan.stage != "ode_init")
@@ -75,17 +82,24 @@ def train(argv: list[str]) -> int:
     """
     stage, argv = _stage(argv)
     allowed, argv = _take_option(argv, "--allow_changed")
-    default = ROOT / "configs" / CONFIGS[stage or "init"]
-    config_path, options, overrides = parse_cli(argv, str(default), prog="train.py")
+    argv, flag_overrides, no_auto_resume = release_flags(argv)
+    config_path, options, overrides = parse_cli(argv, str(ROOT / "configs" / CONFIGS[stage or "init"]),
+                                                prog="train.py")  # fmt: skip
+    defaults_stage = stage or configured_stage(config_path)
+    default = ROOT / "configs" / CONFIGS[defaults_stage]
     logdir = options["logdir"] or str(ROOT / "logs" / Path(config_path).stem)
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, [*flag_overrides, *overrides], defaults_path=default,
+                      compat=release_training(defaults_stage))  # fmt: skip
     allow = check_allowed(to_container(cfg), [key for value in allowed for key in value.split(",") if key])
     env = init_distributed()
     setup_logging(env)
     plan = plan_training(cfg, logdir, stage=stage, rank=env.rank, world_size=env.world_size,
                          local_rank=env.local_rank)  # fmt: skip
     with process_group(plan.device), StopRequest() as stop, hold_logdir(plan):
-        TrainState(plan).find(options["resume"], allow)  # another run's logdir is refused before any model loads
+        found = TrainState(plan).find(options["resume"], allow)  # another run's logdir is refused before models load
+        if found is not None and no_auto_resume:
+            raise ConfigError(f"--no-auto-resume: {plan.logdir} holds this run's checkpoint {found.path.name}, which "
+                              "would be continued; choose a new --logdir, or drop --no-auto-resume to continue it")
         logging.getLogger("train").info(
             "stage %s: %d process(es) x batch %d x %d accumulation step(s) = %d samples per step, %d iterations, %s",
             plan.stage, plan.world_size, plan.batch_size, plan.accumulation,

@@ -20,7 +20,8 @@ from utils.errors import ConfigError
 
 RESUMABLE = frozenset({
     "max_iters", "log_iters", "save_interval", "vis_interval", "vis_num_frames", "vae", "max_checkpoints",
-    "wandb_key", "wandb_entity", "wandb_project", "device", "gradient_checkpointing", "sharding_strategy",
+    "wandb_key", "wandb_entity", "wandb_project", "wandb_dir", "device", "gradient_checkpointing",
+    "sharding_strategy",
 })  # fmt: skip
 FIXED = ("stage", "model", "model_overrides", "fake_name", "adapter", "num_frame_per_block", "batch_size",
          "total_batch_size")  # fmt: skip

@@ -49,7 +49,7 @@ class MetricsLog:
                 wandb.login(key=cfg.wandb_key)
             mode = "online" if cfg.wandb_key is not None else "offline"
             self.wandb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, config=to_container(cfg),
-                                    dir=str(plan.logdir), mode=mode, resume="allow")  # fmt: skip
+                                    dir=str(cfg.wandb_dir or plan.logdir), mode=mode, resume="allow")  # fmt: skip
 
     def _truncate(self, start_step: int) -> None:
         """Keep the entries of steps up to ``start_step`` (a resumed run redoes the later ones); drop lines that do

@@ -8,6 +8,7 @@ settings, the DiT layout, the resolution and the device come from the same funct
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,15 +17,6 @@ import torch
 from omegaconf import DictConfig
 
 from memflow.config import PRESETS, DiTConfig, StreamConfig, dit_config
-from memflow.dit import build_dit
-from memflow.weights import (
-    compare_layout,
-    dit_weights_file,
-    module_layout,
-    safetensors_header,
-    shard_files,
-    to_original_dit,
-)
 from pipeline.plan import DTYPES, TEXT_ENCODERS, Resolution, dit_settings, resolution, resolve_device, stream_config
 from utils.config import (
     get_field,
@@ -37,12 +29,15 @@ from utils.config import (
     require_positive_int,
     to_container,
 )
-from utils.errors import ConfigError, WeightsError
+from utils.errors import ConfigError
 
+from .checks import check_training_weights
 from .data import read_prompt_lines
 from .dmd import ScoreTimestepSampler
 from .ode_init import record_indices
 from .rollout import StreamingSettings
+
+log = logging.getLogger(__name__)
 
 STAGES = ("ode_init", "init", "long")
 SHARDING = {"full": "full", "hybrid": "hybrid", "hybrid_full": "hybrid"}
@@ -142,50 +137,19 @@ def _dit_layouts(cfg: DictConfig, roles: Sequence[str]) -> tuple[DiTConfig, dict
     return dit, presets
 
 
-def check_dit_weights(path: Path, preset: str, overrides: dict, key: str) -> None:
-    """Names and shapes of a safetensors DiT (file, Wan folder or Diffusers folder) against ``preset``.
-
-    Reads headers only, so a teacher of the wrong size fails in seconds, before any tensor is read;
-    ``.pt`` checkpoints (``base.pt``) are checked exactly when loaded.
-    """
-    if not path.exists():
-        raise WeightsError(f"{key}: {path} does not exist; download the weights or fix the path")
-    file = dit_weights_file(path, preset)
-    if file.name.endswith(".index.json"):
-        header = {}
-        for shard in shard_files(file):
-            header.update(safetensors_header(shard))
-    elif file.suffix == ".safetensors":
-        header = safetensors_header(file)
-    else:
-        return
-    with torch.device("meta"):
-        expected = module_layout(build_dit(preset, **overrides))
-    report = compare_layout(to_original_dit({k: shape for k, (shape, _) in header.items()}), expected)
-    if not report.ok:
-        raise WeightsError(f"{key}: {file} does not hold a {preset} DiT: {report.summary()}")
-
-
-def _weights_paths(cfg: DictConfig, presets: dict[str, str], overrides: dict) -> None:
-    """Every configured weight file exists and has the layout of its model (headers only)."""
-    models = {"generator_ckpt": cfg.model, **{f"{role}_weights_dir": p for role, p in presets.items()}}
-    for key in (*models, "weights_dir"):
-        value = get_field(cfg, key)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigError(f"{key} must be a path or null, got {value!r}")
-    for key, preset in models.items():
-        if cfg[key] is not None:
-            check_dit_weights(Path(cfg[key]), preset, overrides, key)
-    if cfg.text_encoder == "umt5-xxl" and cfg.weights_dir is None:
-        raise ConfigError("text_encoder=umt5-xxl loads from weights_dir, which is null; set weights_dir")
-    if cfg.weights_dir is not None and not Path(cfg.weights_dir).is_dir():
-        raise WeightsError(f"weights_dir: {cfg.weights_dir} is not a folder; download Wan2.1-T2V-1.3B there")
-
-
 def _batch_arithmetic(cfg: DictConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batch size, accumulation steps): ``total_batch_size`` fixes the accumulation, or the release's
+    ``gradient_accumulation_steps`` when it is set (the release trains batch x accumulation x world size)."""
     batch = require_positive_int(cfg, "batch_size")
     total = require_positive_int(cfg, "total_batch_size")
     per_step = batch * world_size
+    if get_field(cfg, "gradient_accumulation_steps") is not None:
+        accumulation = require_positive_int(cfg, "gradient_accumulation_steps")
+        if total != per_step * accumulation:
+            log.info("total_batch_size=%d is not batch_size x gradient_accumulation_steps x world size = %d: "
+                     "the release trains with the latter, and so does this run", total,
+                     per_step * accumulation)  # fmt: skip
+        return batch, accumulation
     if total % per_step:
         raise ConfigError(
             f"total_batch_size={total} is not a multiple of batch_size x world size = {batch} x {world_size} = "
@@ -194,12 +158,13 @@ def _batch_arithmetic(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     return batch, total // per_step
 
 
-def _geometry(cfg: DictConfig, dit: DiTConfig, batch: int, frames: int) -> Resolution:
-    """The run's resolution, checked against ``image_or_video_shape`` (the release states the latent shape)."""
+def _geometry(cfg: DictConfig, dit: DiTConfig, batch: int, frames: Sequence[int]) -> Resolution:
+    """The run's resolution, checked against ``image_or_video_shape`` (the release states the latent shape;
+    its frame count may be any of ``frames``, the first being the frames scored)."""
     size = resolution(cfg, dit)
     shape = require_int_list(cfg, "image_or_video_shape")
-    expected = [batch, frames, dit.in_dim, size.latent_height, size.latent_width]
-    if shape != expected:
+    expected = [batch, frames[0], dit.in_dim, size.latent_height, size.latent_width]
+    if len(shape) != 5 or shape[1] not in frames or [*shape[:1], *shape[2:]] != [*expected[:1], *expected[2:]]:
         raise ConfigError(
             f"image_or_video_shape={shape} does not match batch_size, the frames per rollout, the latent "
             f"channels and height/width (expected {expected}); set image_or_video_shape={expected}"
@@ -337,17 +302,21 @@ def plan_training(
     batch, accumulation = _batch_arithmetic(cfg, world_size)
     num_frames = require_multiple_of(cfg, "num_training_frames", chunk, f"whole {chunk}-frame chunks "
                                      "(num_frame_per_block)")  # fmt: skip
+    minimum = get_field(cfg, "min_num_training_frames")
+    if minimum is not None and minimum != num_frames:
+        raise ConfigError(f"min_num_training_frames={minimum}: rollouts have one length here; set it to "
+                          f"num_training_frames={num_frames} or null")  # fmt: skip
     streaming = _streaming(cfg, chunk) if stage == "long" else None
     if streaming is not None:
         num_frames = streaming.window
-    size = _geometry(cfg, dit, batch, num_frames)
+    size = _geometry(cfg, dit, batch, (num_frames, streaming.max_length) if streaming else (num_frames,))
     _check_stage_keys(cfg, stage, stream)
     _check_common(cfg)
     prompts, switch_prompts = _prompts(cfg, stage)
     adapter = _adapter(cfg)
     sharding = require_choice(cfg, "sharding_strategy", sorted(SHARDING))
     device = resolve_device(require_choice(cfg, "device", ["auto", "cpu", "cuda"]), local_rank)
-    _weights_paths(cfg, presets, dict(cfg.model_overrides))
+    check_training_weights(cfg, presets, dict(cfg.model_overrides))
     to_container(cfg)
     return TrainPlan(
         config=cfg, stage=stage, stream=stream, dit=dit, presets=presets, height=size.height,
