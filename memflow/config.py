@@ -140,6 +140,11 @@ class StreamConfig:
             raise ValueError("local_attn_size must hold at least one chunk (num_frame_per_block frames)")
         if self.uses_bank and self.bank_size < 1:
             raise ValueError(f"memory={self.memory!r} needs bank_size >= 1")
+        if self.uses_bank and self.window_size < self.num_frame_per_block:
+            raise ValueError(
+                f"memory={self.memory!r} records a chunk's first frame from the window, so local_attn_size - "
+                f"sink_size must be at least num_frame_per_block={self.num_frame_per_block}"
+            )
         if self.memory == "nam_sma" and self.top_k < 1:
             raise ValueError("memory='nam_sma' needs top_k >= 1")
         if self.record_interval < 1:
