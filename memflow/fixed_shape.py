@@ -4,10 +4,13 @@ The eager path (:mod:`memflow.context`) slices the visible part of a layer's buf
 while the sink, the window and the bank fill, and its plan is Python integers, on which a compiler
 would specialise. Here a call is described by tensors instead (:class:`FixedCall`): which buffer
 tokens it writes and from which new tokens, and which buffer positions are visible. Each layer writes
-its new keys with one indexed copy and attends to the whole buffer under that mask, so a compiled block
-sees the same shapes and guards from the first chunk to the last and across prompt switches (a re-cache
-has its own frame count, hence its own graph). Masked positions get exactly zero weight, so the
-result equals the eager slices up to float rounding.
+its new keys with one indexed copy and attends to the whole buffer, so a compiled block sees the same
+shapes from the first chunk to the last and across prompt switches (a re-cache has its own frame count,
+hence its own graph). While the cache fills, a key mask hides what the call must not see (masked
+positions get exactly zero weight, so the result equals the eager slices up to float rounding); once the
+call sees its whole buffer there is no mask (``visible`` is None), so the fast unmasked attention kernels
+(flash-attn on CUDA) serve the steady state: two graphs per call kind, the second from the first full
+chunk on.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class FixedCall:
 
     dst: torch.Tensor  # [n] buffer token positions written
     src: torch.Tensor  # [n] positions among the call's new tokens
-    visible: torch.Tensor  # [1, 1, 1, (bank + sink + window) tokens] bool
+    visible: torch.Tensor | None  # [1, 1, 1, (bank + sink + window) tokens] bool; None: all of them
     memory: torch.Tensor  # [bank + sink] bool: memory frames that hold visible keys
 
 
@@ -73,8 +76,8 @@ def fixed_call(
     src = torch.cat([torch.arange(s, s + n) for _, s, n in runs]) if runs else torch.zeros(0, dtype=torch.long)
     window = torch.arange(layout.window) < window_len
     frames = torch.cat([memory_visible(layout, bank_len, sink_len), window])
-    visible = frames.repeat_interleave(layout.frame_tokens)[None, None, None]
-    return FixedCall(dst.to(device), src.to(device), visible.to(device), frames[: layout.memory].to(device))
+    visible = None if frames.all() else frames.repeat_interleave(layout.frame_tokens)[None, None, None].to(device)
+    return FixedCall(dst.to(device), src.to(device), visible, frames[: layout.memory].to(device))
 
 
 class FixedLayer:
@@ -99,7 +102,7 @@ class FixedLayer:
         keys.index_copy_(2, call.dst, k.index_select(2, call.src))
         values.index_copy_(2, call.dst, v.index_select(2, call.src))
         if self.config.memory != "nam_sma":
-            seen = call.visible.shape[-1]
+            seen = (self.layout.memory + self.layout.window) * self.layout.frame_tokens
             return attention(q, keys[:, :, :seen], values[:, :, :seen], call.visible)
         return self._routed(q)
 
@@ -111,15 +114,21 @@ class FixedLayer:
         memory_k = keys[:, :, :memory].unflatten(2, (-1, t))
         memory_v = values[:, :, :memory].unflatten(2, (-1, t))
         per_frame = None if self.config.reference else t
-        chosen = select_memory_frames(q, memory_k, layout.stage, per_frame, call.memory)
+        hidden = call.visible is not None
+        chosen = select_memory_frames(q, memory_k, layout.stage, per_frame, call.memory if hidden else None)
         if self.trace is not None:
             self.trace.copy_(chosen)
-        routed = call.memory[chosen].repeat_interleave(t, dim=-1)  # [B, H, (n,) k * T]
-        window = call.visible[0, 0, 0, memory:].expand(*routed.shape[:-1], -1)  # [B, H, (n,) W * T]
         if per_frame is not None:
             ring = slice(memory, ring_end)
-            mask = torch.cat([routed, window], -1)
+            mask = self._mask(chosen, routed_first=True) if hidden else None
             return routed_attention(q, memory_k, memory_v, keys[:, :, ring], values[:, :, ring], chosen, mask)
         stage_frames(keys, values, memory_k, memory_v, chosen, ring_end)
-        mask = torch.cat([window, routed], -1)[:, :, None]
+        mask = self._mask(chosen, routed_first=False)[:, :, None] if hidden else None
         return attention(q, keys[:, :, memory:], values[:, :, memory:], mask)
+
+    def _mask(self, chosen: torch.Tensor, *, routed_first: bool) -> torch.Tensor:
+        """[B, H, (n,) keys] bool over the routed frames and the window, in the order they are attended."""
+        t, memory = self.layout.frame_tokens, self.layout.memory * self.layout.frame_tokens
+        routed = self.call.memory[chosen].repeat_interleave(t, dim=-1)  # [B, H, (n,) k * T]
+        window = self.call.visible[0, 0, 0, memory:].expand(*routed.shape[:-1], -1)  # [B, H, (n,) W * T]
+        return torch.cat([routed, window] if routed_first else [window, routed], -1)

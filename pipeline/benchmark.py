@@ -133,8 +133,13 @@ def _device_name(device: torch.device) -> str:
 
 
 def _commit() -> str | None:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return result.stdout.strip() or None
+    """The checkout's commit, ``-dirty`` when tracked files differ from it (None outside git)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if not head.stdout.strip():
+        return None
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                            text=True)  # fmt: skip
+    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 def run(settings: BenchmarkSettings) -> dict:

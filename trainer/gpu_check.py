@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 from transformers import UMT5EncoderModel
 
 from memflow.dit import build_dit
@@ -120,10 +121,14 @@ def golden_step(size: CheckSize, golden_dir: Path) -> dict:
 
 
 def benchmark_step(size: CheckSize, variants: tuple) -> dict:
+    """The benchmark's JSON, with the compiler's counters (graphs, and CUDA graph skips with their reasons)."""
     settings = BenchmarkSettings(size.preset, size.device, size.height, size.width, chunks=size.chunks, warmup=1,
                                  dtype="auto", modes=("none", "nam", "nam_sma"), config=str(DEFAULT_CONFIG),
                                  repeats=3, variants=variants, backend=size.backend)  # fmt: skip
-    return run_benchmark(settings)
+    counters.clear()
+    result = run_benchmark(settings)
+    result["compiler_counters"] = {group: dict(values) for group, values in counters.items()}
+    return result
 
 
 @contextlib.contextmanager

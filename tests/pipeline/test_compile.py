@@ -15,7 +15,8 @@ from memflow.loading import materialize
 from pipeline.streaming import StreamingGenerator
 
 H, W = 4, 6
-SWITCHES = [12, 21]  # both after the 9-frame cache is full, so both re-caches have one length
+CACHE = 9  # local_attn_size: the chunk of frames 6-8 is the first to see a full cache
+SWITCHES = [12, 21]  # both after the cache is full, so both re-caches have one length
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,16 +51,17 @@ def _chunks(gen, noise, prompts, graphs_after_chunk):
 
 
 @pytest.mark.parametrize(("memory", "reference", "dtype"), [
-    ("none", True, torch.float32), ("nam", True, torch.float32), ("nam_sma", True, torch.float32),
-    ("nam_sma", False, torch.float32), ("nam_sma", True, torch.bfloat16),
+    ("nam", True, torch.float32), ("nam_sma", True, torch.float32), ("nam_sma", False, torch.float32),
+    ("nam_sma", True, torch.bfloat16),
 ])  # fmt: skip
 def test_one_graph_per_call_kind_and_eager_outputs(memory, reference, dtype):
-    """Denoising steps and commits share one graph (their shapes are equal), the re-cache has its own; nothing
-    recompiles from chunk to chunk, across the switches, or between the bf16 first step and later ones."""
+    """Denoising steps and commits share one graph (their shapes are equal) while the cache fills (masked) and one
+    from the first full chunk on (no mask); the re-cache has its own. Nothing recompiles after that, from chunk to
+    chunk, across the switches, or between the first denoising step (the noise) and later ones."""
     torch._dynamo.reset()
     counters.clear()
     dit = _dit(dtype)
-    config = StreamConfig(memory=memory, local_attn_size=9, bank_size=2, record_interval=1, top_k=2,
+    config = StreamConfig(memory=memory, local_attn_size=CACHE, bank_size=2, record_interval=1, top_k=2,
                           reference=reference)
     noise, prompts = _inputs(30)
     eager_gen = StreamingGenerator(dit, config, trace=True)
@@ -68,24 +70,23 @@ def test_one_graph_per_call_kind_and_eager_outputs(memory, reference, dtype):
     graphs: list[int] = []
     compiled_gen = StreamingGenerator(dit, config, trace=True, compile=True, compile_backend="aot_eager")
     compiled = _chunks(compiled_gen, noise, prompts, graphs)
-    first_switch_chunk = SWITCHES[0] // 3
-    assert graphs[:first_switch_chunk] == [1] * first_switch_chunk
-    assert graphs[first_switch_chunk:] == [2] * (len(graphs) - first_switch_chunk)
+    full, switch = CACHE // 3 - 1, SWITCHES[0] // 3
+    assert graphs == [1] * full + [2] * (switch - full) + [3] * (len(graphs) - switch)
     torch.testing.assert_close(compiled, eager, atol=1e-5 if dtype == torch.float32 else 5e-2, rtol=0)
     if dtype == torch.float32:  # the same frames were attended, call by call
         assert compiled_gen.memory_trace() == eager_gen.memory_trace()
 
 
 def test_a_shorter_recache_is_its_own_graph():
-    """A switch before the cache is full re-caches fewer frames: a second re-cache graph, said in the docs."""
+    """A switch before the cache is full re-caches fewer frames (masked): a second re-cache graph, as documented."""
     torch._dynamo.reset()
     counters.clear()
-    gen = StreamingGenerator(_dit(torch.float32), StreamConfig(memory="nam", local_attn_size=9, bank_size=2),
+    gen = StreamingGenerator(_dit(torch.float32), StreamConfig(memory="nam", local_attn_size=CACHE, bank_size=2),
                              compile=True, compile_backend="aot_eager")  # fmt: skip
     noise, prompts = _inputs(18)
     with torch.no_grad():
         gen.generate(noise, prompts, [6, 12], generator=torch.Generator().manual_seed(0))
-    assert _graphs() == 3
+    assert _graphs() == 4  # the chunk graphs, filling and full, and one re-cache graph per length
 
 
 def test_inductor_compiled_chunk_step_equals_eager():
@@ -99,5 +100,5 @@ def test_inductor_compiled_chunk_step_equals_eager():
         gen = StreamingGenerator(dit, config, compile=compile)
         with torch.no_grad():
             runs.append(gen.generate(noise, prompts[:1], generator=torch.Generator().manual_seed(0)))
-    assert _graphs() == 1
+    assert _graphs() == 2  # the first chunk's (masked) and the steady chunks'
     torch.testing.assert_close(runs[1], runs[0], atol=1e-4, rtol=0)
