@@ -6,6 +6,7 @@ float32 one by a relative L2 error of at most 0.004 and by at most 0.033 in any 
 """
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -13,8 +14,12 @@ import torch
 from memflow import StreamConfig, build_dit
 from memflow.loading import materialize
 from memflow.weights import apply_lora, expected_lora_layout
-from pipeline.plan import resolve_dtype
+from pipeline.plan import plan_run, resolve_dtype
+from pipeline.runner import VideoRunner, build_components
 from pipeline.streaming import StreamingGenerator
+from utils.config import load_config
+
+from ..conftest import ROOT
 
 H, W, FRAMES = 8, 8, 24
 REL_L2, MAX_ABS = 0.015, 0.1
@@ -54,6 +59,21 @@ def test_an_explicit_dtype_is_used_on_the_cpu():
     cpu = torch.device("cpu")
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     assert resolve_dtype("auto", cpu) == torch.float32
+
+
+def test_interactive_inference_with_dtype_bfloat16_runs_in_bfloat16(tmp_path):
+    """What a user asking for ``dtype=bfloat16`` on the CPU gets: every model and the cache in bf16, switches too."""
+    cfg = load_config(ROOT / "configs" / "tiny" / "interactive_inference.yaml",
+                      ["dtype=bfloat16", f"output_folder={tmp_path}"])  # fmt: skip
+    plan = plan_run(cfg)
+    components = build_components(plan)
+    runner = VideoRunner(plan, components)
+    result = runner.run(plan.jobs[0])
+    assert {p.dtype for p in components.dit.parameters()} == {torch.bfloat16}
+    assert runner.generator.context.k.dtype == torch.bfloat16
+    sidecar = json.loads(result.sidecar.read_text())
+    assert sidecar["dtype"] == "bfloat16" and sidecar["complete"] and len(sidecar["switch_frames"]) == 2
+    assert result.pixel_frames > 0 and result.video.stat().st_size > 0
 
 
 @pytest.mark.parametrize(("memory", "reference"), [("none", True), ("nam", True), ("nam_sma", True),
