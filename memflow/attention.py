@@ -29,6 +29,26 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def gather_frames(memory: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The chosen frames of memory [B, H, M, T, D] per head (``chosen`` [B, H, k]) -> [B, H, k * T, D]."""
+    t, d = memory.shape[-2:]
+    return torch.gather(memory, 2, chosen[..., None, None].expand(-1, -1, -1, t, d)).flatten(2, 3)
+
+
+def stage_frames(
+    keys: torch.Tensor, values: torch.Tensor, memory_k: torch.Tensor, memory_v: torch.Tensor, chosen: torch.Tensor,
+    at: int,
+) -> None:
+    """Write the chosen memory frames (``chosen`` [B, H, k]) into keys/values [B, H, L, D] from token ``at`` on.
+
+    SMA with one descriptor per chunk stages them right after the window, so the window and its
+    routed frames are one slice: only k frames are copied per head, never the window.
+    """
+    n = chosen.shape[-1] * memory_k.shape[-2]
+    keys[:, :, at : at + n] = gather_frames(memory_k, chosen)
+    values[:, :, at : at + n] = gather_frames(memory_v, chosen)
+
+
 def routed_attention(
     q: torch.Tensor,
     memory_k: torch.Tensor,
@@ -36,30 +56,28 @@ def routed_attention(
     window_k: torch.Tensor,
     window_v: torch.Tensor,
     chosen: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SMA's attention: each query sees its routed memory frames and the whole local window.
 
     q [B, H, Lq, D]; memory_k/v [B, H, M, T, D] (M frames of T tokens); window_k/v [B, H, W, D].
     ``chosen`` holds memory frame indices: [B, H, k] routes every query alike, [B, H, n, k] routes
     each of n query frames (Lq // n tokens) on its own. Only the chosen frames are gathered, so the
-    cost grows with k, not M, and no mask keeps the flash path closed.
+    cost grows with k, not M. ``mask`` [B, H, n, k * T + W] (bool) hides keys, routed frames first.
     """
-    t, d = memory_k.shape[-2:]
     if chosen.dim() == 3:
-        index = chosen[..., None, None].expand(-1, -1, -1, t, d)
-        keys = torch.cat([torch.gather(memory_k, 2, index).flatten(2, 3), window_k], 2)
-        values = torch.cat([torch.gather(memory_v, 2, index).flatten(2, 3), window_v], 2)
-        return attention(q, keys, values)
+        chosen = chosen[:, :, None]
     heads, n = q.shape[1], chosen.shape[2]
-    index = chosen[..., None, None].expand(-1, -1, -1, -1, t, d)  # [B, H, n, k, T, D]
 
     def per_query_frame(memory: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        routed = torch.gather(memory[:, :, None].expand(-1, -1, n, -1, -1, -1), 3, index).flatten(3, 4)
-        return torch.cat([routed, window[:, :, None].expand(-1, -1, n, -1, -1)], 3).flatten(1, 2)
+        routed = gather_frames(memory[:, :, None].expand(-1, -1, n, -1, -1, -1).flatten(1, 2), chosen.flatten(1, 2))
+        return torch.cat([routed, window.repeat_interleave(n, dim=1)], 2)
 
+    if mask is not None:
+        mask = mask.flatten(1, 2)[:, :, None]
     # the query frames become extra heads, each over its own keys: [B, H * n, Lq // n, D]
     out = attention(q.unflatten(2, (n, -1)).flatten(1, 2), per_query_frame(memory_k, window_k),
-                    per_query_frame(memory_v, window_v))
+                    per_query_frame(memory_v, window_v), mask)
     return out.unflatten(1, (heads, n)).flatten(2, 3)
 
 

@@ -70,6 +70,9 @@ PRESETS: dict[str, DiTConfig] = {
     "wan2.1-t2v-14b": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # The golden-case model: 2 heads of 64, 2 blocks, 32-dim text.
     "tiny": DiTConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=32),
+    # CPU benchmarks where attention matters (6.9M parameters; 256 tokens a frame at 256x256 with the tiny VAE):
+    # the 1.3B's head size, UMT5 text width and dim : ffn ratio at 4 heads and 4 blocks.
+    "mid": DiTConfig(dim=256, ffn_dim=1536, num_heads=4, num_layers=4),
 }
 
 
@@ -140,6 +143,11 @@ class StreamConfig:
             raise ValueError("local_attn_size must hold at least one chunk (num_frame_per_block frames)")
         if self.uses_bank and self.bank_size < 1:
             raise ValueError(f"memory={self.memory!r} needs bank_size >= 1")
+        if self.uses_bank and self.window_size < self.num_frame_per_block:
+            raise ValueError(
+                f"memory={self.memory!r} records a chunk's first frame from the window, so local_attn_size - "
+                f"sink_size must be at least num_frame_per_block={self.num_frame_per_block}"
+            )
         if self.memory == "nam_sma" and self.top_k < 1:
             raise ValueError("memory='nam_sma' needs top_k >= 1")
         if self.record_interval < 1:

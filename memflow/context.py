@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import attention, routed_attention
+from .attention import attention, routed_attention, stage_frames
 from .config import StreamConfig
-from .dit import TextKV
+from .dit import LayerAttention, TextKV
+from .fixed_shape import FixedCall, FixedLayer, SlotLayout, fixed_call, memory_visible
 from .memory import MemoryBank, select_memory_frames
 
 CALL_KINDS = ("denoise", "commit", "recache")
@@ -62,7 +63,8 @@ class CallTrace:
     sink: list[int]
     window: list[int]
     bank: torch.Tensor | None  # [L, B, bank_len] absolute frame ids
-    sma: list[torch.Tensor] = field(default_factory=list)  # per layer: frame ids [B, H, (n,) k]
+    sma: list[torch.Tensor] = field(default_factory=list)  # per layer: frame ids [B, H, (n,) k], -1 = none
+    fixed_sma: list[torch.Tensor] = field(default_factory=list)  # a fixed-shape call's memory indices, per layer
 
 
 class StreamingContext:
@@ -88,10 +90,14 @@ class StreamingContext:
         if self.window < 1:
             raise ValueError(f"max_frames={max_frames} leaves no room after the {self.sink}-frame sink")
         self.bank_slots = config.bank_size if config.uses_bank else 0
-        tokens = (self.bank_slots + self.sink + self.window) * frame_tokens
+        # SMA gathers its routed memory frames right after the filled window, so its keys are one slice
+        self.stage = min(config.top_k, self.bank_slots + self.sink) if config.memory == "nam_sma" else 0
+        self.layout = SlotLayout(frame_tokens, self.bank_slots, self.sink, self.window, self.stage)
+        tokens = self.layout.frames * frame_tokens
         shape = (num_layers, batch_size, num_heads, tokens, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.layer_k, self.layer_v = self.k.unbind(0), self.v.unbind(0)  # one persistent view per layer
         bank_tokens = self.bank_slots * frame_tokens
         self.bank = (
             MemoryBank(self.k[:, :, :, :bank_tokens], self.v[:, :, :, :bank_tokens], frame_tokens, config)
@@ -101,6 +107,8 @@ class StreamingContext:
         self.text_kv: TextKV | None = None
         self.text_mask: torch.Tensor | None = None
         self.tracing = False
+        self.fixed: FixedCall | None = None
+        self._fixed_calls: dict[tuple, FixedCall] = {}
         self.reset()
 
     # -- run state ---------------------------------------------------------------------------------
@@ -161,8 +169,12 @@ class StreamingContext:
         self.bank.update(text_k, self.text_mask, recache=recache)
 
     # -- planning ----------------------------------------------------------------------------------
-    def begin(self, start: int, num_frames: int, kind: str) -> CallPlan:
-        """Plan a model call over frames [start, start + num_frames)."""
+    def begin(self, start: int, num_frames: int, kind: str, *, fixed: bool = False) -> CallPlan:
+        """Plan a model call over frames [start, start + num_frames).
+
+        ``fixed`` also describes it as tensors (:class:`~memflow.fixed_shape.FixedCall`), for a compiled
+        step whose shapes must not change from call to call; such a call runs without autograd.
+        """
         if kind not in CALL_KINDS:
             raise ValueError(f"kind must be one of {CALL_KINDS}, got {kind!r}")
         if start < self.origin:
@@ -192,13 +204,24 @@ class StreamingContext:
             window_len=min(self.window, max(0, high - sink_end)),
             record=record,
         )
+        if fixed:
+            key = (self.plan.runs, bank_len, self.plan.sink_len, self.plan.window_len)
+            if key not in self._fixed_calls:
+                self._fixed_calls[key] = fixed_call(self.layout, *key, device=self.k.device)
+            self.fixed = self._fixed_calls[key]
         if self.tracing:
-            self.traces.append(self._trace(self.plan))
+            self.traces.append(self._trace(self.plan, fixed))
         return self.plan
 
     def end(self) -> None:
-        """Finish the planned call: move the pointers of cache-writing passes."""
+        """Finish the planned call: record the prototype, move the pointers of cache-writing passes."""
         plan = self.plan
+        if self.tracing and self.traces[-1].fixed_sma:
+            trace = self.traces[-1]
+            trace.sma, trace.fixed_sma = [self._memory_frame_ids(i, c) for i, c in enumerate(trace.fixed_sma)], []
+        if plan.record:  # the chunk's first frame, as just written (StreamConfig keeps a chunk in the window)
+            dst, t = plan.runs[0][0], self.frame_tokens
+            self.bank.record(self.k[:, :, :, dst : dst + t], self.v[:, :, :, dst : dst + t], plan.start)
         if plan.writes_cache and not plan.recompute:
             self.committed = max(self.committed, plan.end)
         if self.bank is not None and plan.writes_cache:
@@ -206,11 +229,14 @@ class StreamingContext:
         if plan.kind != "recache":
             self.text_scores_stale = False
         self.plan = None
+        self.fixed = None
 
-    def _trace(self, plan: CallPlan) -> CallTrace:
+    def _trace(self, plan: CallPlan, fixed: bool) -> CallTrace:
         high = max(self.committed, plan.end)
         sink_end = self.origin + self.sink
         window_start = max(sink_end, high - self.window)
+        routes = (*self.k.shape[1:3], *(() if self.config.reference else (plan.num_frames,)), self.stage)
+        sma = [self.k.new_empty(routes, dtype=torch.long) for _ in self.k] if fixed and self.stage else []
         return CallTrace(
             start=plan.start,
             num_frames=plan.num_frames,
@@ -218,11 +244,20 @@ class StreamingContext:
             sink=list(range(self.origin, self.origin + plan.sink_len)),
             window=list(range(window_start, high)),
             bank=None if self.bank is None else self.bank.visible_frames(plan.bank_len).clone(),
+            fixed_sma=sma,
         )
 
     # -- attention ---------------------------------------------------------------------------------
+    def layer(self, index: int) -> LayerAttention:
+        """Layer ``index``'s attention for the planned call (``SelfAttentionContext``): fixed-shape when the call
+        was planned ``fixed`` (a compiled step), else the eager slices of :meth:`attend`."""
+        if self.fixed is None:
+            return _Layer(self, index)
+        trace = self.traces[-1].fixed_sma[index] if self.tracing and self.stage else None
+        return FixedLayer(self.layer_k[index], self.layer_v[index], self.fixed, self.layout, self.config, trace)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Place the call's keys/values in the layer's buffer and attend (``SelfAttentionContext``).
+        """Place the call's keys/values in the layer's buffer and attend.
 
         Without autograd the new keys go straight into the live buffer (a denoising pass only
         touches the slots of the frames its chunk evicts). With autograd the pass attends to a
@@ -236,9 +271,6 @@ class StreamingContext:
             if plan.writes_cache:
                 _place(self.k[layer], self.v[layer], k.detach(), v.detach(), plan)
         _place(keys, values, k, v, plan)
-        if plan.record:
-            t = self.frame_tokens
-            self.bank.record(layer, k[:, :, :t].detach(), v[:, :, :t].detach(), plan.start)
         return self._attend_keys(plan, layer, q, keys, values, trace=self.tracing)
 
     def checkpoint_view(self) -> _Snapshot | None:
@@ -268,29 +300,48 @@ class StreamingContext:
         self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lo: int, mid: int, hi: int,
         trace: bool,
     ) -> torch.Tensor:
-        """SMA: each head attends to its ``top_k`` most relevant memory frames plus the window."""
+        """SMA: each head attends to its ``top_k`` most relevant memory frames plus the window.
+
+        With one descriptor per chunk the routed frames are gathered right after the filled window
+        (the stage), so the keys are one slice and the window is never copied.
+        """
         t = self.frame_tokens
         memory_k = keys[:, :, lo:mid].unflatten(2, (-1, t))  # [B, H, M, T, D]: bank then sink
         memory_v = values[:, :, lo:mid].unflatten(2, (-1, t))
-        frames = memory_k.shape[2]
-        top_k = min(self.config.top_k, frames)
+        top_k = min(self.config.top_k, memory_k.shape[2])
         per_frame = None if self.config.reference else t
         chosen = select_memory_frames(q, memory_k, top_k, per_frame)
         if trace:
-            self.traces[-1].sma.append(self._memory_frame_ids(layer, chosen))
-        return routed_attention(q, memory_k, memory_v, keys[:, :, mid:hi], values[:, :, mid:hi], chosen)
+            self.traces[-1].sma.append(self._memory_frame_ids(layer, chosen + (self.bank_slots - self.plan.bank_len)))
+        if per_frame is not None:
+            return routed_attention(q, memory_k, memory_v, keys[:, :, mid:hi], values[:, :, mid:hi], chosen)
+        stage_frames(keys, values, memory_k, memory_v, chosen, hi)
+        end = hi + top_k * t
+        return attention(q, keys[:, :, mid:end], values[:, :, mid:end])
 
     def _memory_frame_ids(self, layer: int, chosen: torch.Tensor) -> torch.Tensor:
-        """Map memory indices (visible bank slots in buffer order, then the sink) to frame ids."""
+        """Map memory indices (every bank slot in buffer order, then the sink) to frame ids; -1 where not visible."""
         plan = self.plan
         batch = chosen.shape[0]
-        ids = torch.arange(self.origin, self.origin + plan.sink_len, device=chosen.device).expand(batch, -1)
-        if self.bank is not None and plan.bank_len:
-            bank = self.bank.visible_frames(plan.bank_len)[layer].flip(-1)  # buffer order: [B, bank_len]
+        ids = torch.arange(self.origin, self.origin + self.sink, device=chosen.device).expand(batch, -1)
+        if self.bank is not None:
+            bank = self.bank.frames[layer].flip(-1)  # buffer order: [B, bank_slots]
             ids = torch.cat([bank, ids], dim=-1)
+        visible = memory_visible(self.layout, plan.bank_len, plan.sink_len).to(chosen.device)
+        ids = ids.masked_fill(~visible, -1)
         shape = (batch,) + (1,) * (chosen.dim() - 2) + (ids.shape[-1],)
         ids = ids.reshape(shape).expand(*chosen.shape[:-1], -1)
         return torch.gather(ids, -1, chosen)
+
+
+class _Layer:
+    """One layer of a context with ``attend(layer, q, k, v)`` (the live context or a snapshot)."""
+
+    def __init__(self, context: StreamingContext | _Snapshot, index: int):
+        self.context, self.index = context, index
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.context.attend(self.index, q, k, v)
 
 
 class _Snapshot:
@@ -298,6 +349,9 @@ class _Snapshot:
 
     def __init__(self, context: StreamingContext, plan: CallPlan, k: torch.Tensor, v: torch.Tensor):
         self.context, self.plan, self.k, self.v = context, plan, k, v
+
+    def layer(self, index: int) -> _Layer:
+        return _Layer(self, index)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.k[layer].clone(), self.v[layer].clone()

@@ -13,6 +13,7 @@ model itself knows nothing about caches or memory policies.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -24,14 +25,24 @@ from .config import DiTConfig, dit_config
 from .rope import RotaryEmbedding, apply_rope
 
 
+class LayerAttention(Protocol):
+    """One layer's self-attention over the keys/values a context supplies."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q/k/v [B, H, L, D] of the new tokens (normed, rotated) -> output [B, H, L, D]."""
+
+
 class SelfAttentionContext(Protocol):
     """Supplies the keys/values a chunk's queries attend to, per layer."""
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q/k/v [B, H, L, D] of the new tokens (normed, rotated) -> output [B, H, L, D]."""
+    def layer(self, index: int) -> LayerAttention:
+        """The attention of layer ``index`` (blocks never see the layer index, so one compiled block serves all)."""
 
     def checkpoint_view(self) -> SelfAttentionContext | None:
         """A context that returns the same attention when a checkpointed block replays it, or None."""
+
+
+BlockRunner = Callable[..., torch.Tensor]
 
 
 TextKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -69,6 +80,20 @@ def _linear_in(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return x.to(layer.weight.dtype)
 
 
+def _float32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module`` (linear layers and activations) run in float32 whatever its parameter dtype and any autocast.
+
+    The reference computes the time embedding, the modulation projection and the output head under
+    float32 autocast, so bf16 weights only round the parameters there, not the activations.
+    """
+    layers = module if isinstance(module, nn.Sequential) else [module]
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        for layer in layers:
+            x = F.linear(x, layer.weight.float(), layer.bias.float()) if isinstance(layer, nn.Linear) else layer(x)
+    return x
+
+
 class _Projections(nn.Module):
     """The q/k/v/o projections and q/k RMS norms shared by self- and cross-attention."""
 
@@ -96,15 +121,14 @@ class SelfAttention(_Projections):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        layer: int,
-        context: SelfAttentionContext | None,
+        context: LayerAttention | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         x = _linear_in(x, self.q)
         q = apply_rope(self.heads(self.norm_q(self.q(x))), *rope).transpose(1, 2)
         k = apply_rope(self.heads(self.norm_k(self.k(x))), *rope).transpose(1, 2)
         v = self.heads(self.v(x)).transpose(1, 2)
-        return self.out(attention(q, k, v, mask) if context is None else context.attend(layer, q, k, v))
+        return self.out(attention(q, k, v, mask) if context is None else context.attend(q, k, v))
 
 
 class CrossAttention(_Projections):
@@ -140,8 +164,7 @@ class Block(nn.Module):
         e: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         text_kv: tuple[torch.Tensor, torch.Tensor],
-        layer: int,
-        context: SelfAttentionContext | None,
+        context: LayerAttention | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """x [B, F, T, C] float32 residual stream; e [B, F, 6, C] per-frame modulation."""
@@ -150,7 +173,7 @@ class Block(nn.Module):
         )
         b, f, t, c = x.shape
         h = self.norm1(x) * (1 + scale_sa) + shift_sa
-        y = self.self_attn(h.reshape(b, f * t, c), rope, layer, context, mask)
+        y = self.self_attn(h.reshape(b, f * t, c), rope, context, mask)
         x = x + y.float().view(b, f, t, c) * gate_sa
         y = self.cross_attn(self.norm3(x).reshape(b, f * t, c), text_kv)
         x = x + y.float().view(b, f, t, c)
@@ -167,7 +190,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unsqueeze(3).unbind(2)
-        return self.head(_linear_in(self.norm(x) * (1 + scale) + shift, self.head))
+        return _float32(self.head, self.norm(x) * (1 + scale) + shift)
 
 
 class WanDiT(nn.Module):
@@ -233,12 +256,15 @@ class WanDiT(nn.Module):
         start_frame: int = 0,
         attention_context: SelfAttentionContext | None = None,
         mask: torch.Tensor | None = None,
+        run_block: BlockRunner | None = None,
     ) -> torch.Tensor:
         """Flow prediction for latents x [B, F, C, H, W] at timesteps t ([B] or [B, F]).
 
         Text comes as raw embeddings (``context``) or as a precomputed ``text_kv``. Without an
         ``attention_context`` the frames attend to each other (optionally under ``mask``);
         with one, they attend to what it supplies, positioned from ``start_frame``.
+        ``run_block(block, tokens, *args)`` calls each block instead of ``block(tokens, *args)``
+        (a compiled block step); it is not used under gradient checkpointing.
         """
         b, f, _, h, w = x.shape
         if text_kv is None:
@@ -250,9 +276,8 @@ class WanDiT(nn.Module):
         rows, cols = self.config.latent_grid(h, w)
         rope = self.rope(start_frame, f, rows, cols, x.device)
 
-        emb_dtype = self.time_embedding[0].weight.dtype
-        e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t).to(emb_dtype)).float()
-        e0 = self.time_projection(e.to(emb_dtype)).float().unflatten(-1, (6, -1))
+        e = _float32(self.time_embedding, sinusoidal_embedding(self.config.freq_dim, t))
+        e0 = _float32(self.time_projection, e).unflatten(-1, (6, -1))
 
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         if checkpointing and attention_context is not None:
@@ -261,9 +286,12 @@ class WanDiT(nn.Module):
             attention_context = replayable or attention_context
         tokens = self._patchify(x).float()
         for i, block in enumerate(self.blocks):
-            args = (e0, rope, text_kv[i], i, attention_context, mask)
+            layer = None if attention_context is None else attention_context.layer(i)
+            args = (e0, rope, text_kv[i], layer, mask)
             if checkpointing:
                 tokens = torch.utils.checkpoint.checkpoint(block, tokens, *args, use_reentrant=False)
+            elif run_block is not None:
+                tokens = run_block(block, tokens, *args)
             else:
                 tokens = block(tokens, *args)
         out = self.head(tokens, e)

@@ -68,10 +68,10 @@ class MemoryBank:
             setattr(self, name, state[name])
 
     # -- recording ------------------------------------------------------------------------------
-    def record(self, layer: int, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
-        """Keep a chunk's first latent frame (k, v [B, H, frame_tokens, D]) as the prototype."""
-        self.pending_k[layer].copy_(k)
-        self.pending_v[layer].copy_(v)
+    def record(self, k: torch.Tensor, v: torch.Tensor, frame: int) -> None:
+        """Keep a chunk's first latent frame (k, v [layers, B, H, frame_tokens, D]) as the prototype."""
+        self.pending_k.copy_(k)
+        self.pending_v.copy_(v)
         self.pending_frame = frame
         self.pending_fresh = True
 
@@ -186,18 +186,23 @@ class MemoryBank:
         return self.frames[..., :count]
 
 
-def select_memory_frames(q: torch.Tensor, memory_k: torch.Tensor, top_k: int, per_frame: int | None) -> torch.Tensor:
+def select_memory_frames(
+    q: torch.Tensor, memory_k: torch.Tensor, top_k: int, per_frame: int | None, visible: torch.Tensor | None = None
+) -> torch.Tensor:
     """SMA routing: indices of the ``top_k`` memory frames most relevant to the query.
 
     q [B, H, Lq, D]; memory_k [B, H, M, T, D]. Relevance is the dot product of the mean query
-    with each frame's mean key (no scaling). With ``per_frame=None`` one descriptor serves the
-    whole chunk -> [B, H, top_k]; otherwise every query frame of ``per_frame`` tokens gets its
-    own -> [B, H, Lq // per_frame, top_k]. Indices are sorted ascending.
+    with each frame's mean key (no scaling), accumulated in float32. With ``per_frame=None`` one
+    descriptor serves the whole chunk -> [B, H, top_k]; otherwise every query frame of ``per_frame``
+    tokens gets its own -> [B, H, Lq // per_frame, top_k]. ``visible`` [M] (bool) excludes frames
+    (they are chosen last). The indices come in no particular order (attention does not depend on it).
     """
-    mean_k = memory_k.float().mean(dim=3)  # [B, H, M, D]
+    mean_k = memory_k.mean(dim=3, dtype=torch.float32)  # [B, H, M, D]
     if per_frame is None:
-        scores = torch.einsum("bhd,bhmd->bhm", q.float().mean(dim=2), mean_k)
+        scores = torch.matmul(mean_k, q.mean(dim=2, dtype=torch.float32)[..., None])[..., 0]  # [B, H, M]
     else:
-        q_frames = q.float().unflatten(2, (-1, per_frame)).mean(dim=3)  # [B, H, n, D]
-        scores = torch.einsum("bhnd,bhmd->bhnm", q_frames, mean_k)
-    return scores.topk(top_k, dim=-1).indices.sort(dim=-1).values
+        q_frames = q.unflatten(2, (-1, per_frame)).mean(dim=3, dtype=torch.float32)  # [B, H, n, D]
+        scores = torch.matmul(q_frames, mean_k.transpose(-1, -2))  # [B, H, n, M]
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores.topk(top_k, dim=-1, sorted=False).indices

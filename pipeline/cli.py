@@ -22,13 +22,14 @@ from utils.errors import ConfigError, WeightsError
 
 from .compat import RELEASE
 from .golden import check_cases
-from .plan import plan_run
+from .plan import DTYPES, plan_run
 from .runner import VideoRunner, build_components, format_bytes
 from .sidecar import ChunkReport
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {False: ROOT / "configs" / "inference.yaml", True: ROOT / "configs" / "interactive_inference.yaml"}
 DEFAULT_GOLDEN = ROOT.parent / "shared" / "golden"
+GOLDEN_ATOL = {"float32": 1e-4, "bfloat16": 0.3}  # bfloat16: the VAE's pixels err most (0.12 of [-1, 1])
 
 
 def inference(argv: list[str]) -> int:
@@ -99,7 +100,9 @@ def check_golden(argv: list[str]) -> int:
     """``scripts/check_golden.py``: one line per golden case; 1 when any fails."""
     parser = argparse.ArgumentParser(prog="check_golden.py", description="Run every golden case of the released code.")
     parser.add_argument("golden_dir", nargs="?", default=str(DEFAULT_GOLDEN))
-    parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed absolute error")
+    parser.add_argument("--dtype", choices=sorted(GOLDEN_ATOL), default="float32",
+                        help="model dtype; the reference is float32 (bfloat16 skips SMA's near-tie selections)")
+    parser.add_argument("--atol", type=float, help="largest allowed absolute error (default 1e-4, bfloat16 0.3)")
     args = parser.parse_args(argv)
     golden = Path(args.golden_dir)
     if not (golden / "cases.json").is_file():
@@ -108,6 +111,7 @@ def check_golden(argv: list[str]) -> int:
         return 2
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    lines, failed = check_cases(golden, args.atol)
+    atol = GOLDEN_ATOL[args.dtype] if args.atol is None else args.atol
+    lines, failed = check_cases(golden, atol, DTYPES[args.dtype])
     print("\n".join(lines))
     return 1 if failed else 0

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bfloat16 on CUDA, float32 on the CPU
 # UMT5 presets load from weights_dir (Wan or Diffusers layout); minilm is bundled with its weights.
 TEXT_ENCODERS = (*UMT5_PRESETS, "minilm")
 PROMPT_FORMATS = (".txt", ".jsonl", ".json")
@@ -173,12 +174,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype; half precisions fall back to float32 on the CPU (with a warning)."""
-    dtype = DTYPES[name]
-    if device.type == "cpu" and dtype != torch.float32:
-        log.warning("dtype=%s is slow or unsupported on the CPU: using float32", name)
-        return torch.float32
-    return dtype
+    """The compute dtype: ``auto`` is bfloat16 on CUDA and float32 on the CPU; a named dtype is used as given."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu" and name != "float32":
+        log.info("dtype=%s on the CPU: correct, but slower than float32 without native %s matmul", name, name)
+    return DTYPES[name]
 
 
 # -- the plan -----------------------------------------------------------------------------------------
@@ -213,6 +214,7 @@ class RunPlan:
     output_folder: Path
     device: torch.device
     dtype: torch.dtype
+    compile: bool = False
 
 
 def video_seed(seed: int, index: int) -> int:
@@ -249,6 +251,7 @@ def plan_videos(
     stems: Sequence[str] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    compile: bool = False,
 ) -> RunPlan:
     """The plan of ``num_samples`` videos per schedule, those of ``rank`` listed; creates the output folder.
 
@@ -272,7 +275,7 @@ def plan_videos(
         config=config, stream=stream, dit=dit, height=size.height, width=size.width,
         latent_height=size.latent_height, latent_width=size.latent_width, num_frames=schedules[0].num_frames,
         jobs=jobs, total_videos=len(stems), rank=rank, world_size=world_size,
-        output_folder=check_writable(output_folder), device=device, dtype=dtype,
+        output_folder=check_writable(output_folder), device=device, dtype=dtype, compile=compile,
     )  # fmt: skip
 
 
@@ -313,6 +316,7 @@ def _check_model_fields(cfg: DictConfig) -> None:
     """The weight-path, adapter and switch fields that the loaders read later."""
     for key in ("use_ema", "low_memory", "merge_lora", "save_latents", "save_trace"):
         require_bool(cfg, key)
+
     require_choice(cfg, "adapter.type", ["lora"])
     require_positive_int(cfg, "adapter.rank")
     require_number(cfg, "adapter.alpha", minimum=0.0)
@@ -355,11 +359,13 @@ def plan_run(
     require_choice(cfg, "output_names", OUTPUT_NAMES)
     _check_model_fields(cfg)
     device = resolve_device(require_choice(cfg, "device", DEVICES), local_rank)
-    dtype = resolve_dtype(require_choice(cfg, "dtype", list(DTYPES)), device)
+    dtype = resolve_dtype(require_choice(cfg, "dtype", DTYPE_CHOICES), device)
+    compile = require_bool(cfg, "compile")
     output_folder = get_field(cfg, "output_folder")
     if not isinstance(output_folder, str) or not output_folder:
         raise ConfigError(f"output_folder must be a folder path, got {output_folder!r}")
     to_container(cfg)  # a broken ${...} interpolation fails now, not after the first video
     check_weights(missing_run_weights(cfg))
     return plan_videos(cfg, stream, dit, schedules, output_folder=output_folder, device=device, dtype=dtype,
-                       seed=seed, num_samples=num_samples, rank=rank, world_size=world_size)  # fmt: skip
+                       seed=seed, num_samples=num_samples, rank=rank, world_size=world_size,
+                       compile=compile)  # fmt: skip

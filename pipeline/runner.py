@@ -88,7 +88,8 @@ class VideoRunner:
     def __init__(self, plan: RunPlan, components: Components):
         self.plan = plan
         self.components = components
-        self.generator = StreamingGenerator(components.dit, plan.stream, trace=plan.config.save_trace)
+        self.generator = StreamingGenerator(components.dit, plan.stream, trace=plan.config.save_trace,
+                                            compile=plan.compile)  # fmt: skip
         self._embeddings: dict[str, torch.Tensor] = {}
 
     def encode_prompts(self, texts: Sequence[str]) -> None:
@@ -127,7 +128,7 @@ class VideoRunner:
         """Denoise and commit the next chunk; its x0."""
         plan, gen = self.plan, self.generator
         shape = (1, gen.chunk, plan.dit.in_dim, plan.latent_height, plan.latent_width)
-        noise = torch.randn(shape, generator=noise_gen, device=plan.device).to(plan.dtype)
+        noise = torch.randn(shape, generator=noise_gen, device=plan.device)
         x0 = gen.denoise_chunk(noise, generator=noise_gen)
         gen.commit_chunk(x0, generator=noise_gen)
         return x0

@@ -9,6 +9,11 @@ A video is produced chunk by chunk (``num_frame_per_block`` latent frames each):
   also be given instead of sampled (a true past, as the probes give it);
 * before a chunk's first call of either kind, the bank takes in the pending prototype, once;
 * ``switch_prompt``: new text conditioning, then the KV re-cache of the most recent frames.
+
+The sampler state (noise, x0, the re-cache's recent frames) is float32 whatever the model dtype, as
+the DiT's output is. ``compile`` runs the blocks of every call without autograd through
+``torch.compile`` on the fixed-shape context (:mod:`memflow.fixed_shape`): one graph for the chunk
+calls (denoising steps and commits share their shapes) and one per re-cache length.
 """
 
 from __future__ import annotations
@@ -19,22 +24,47 @@ import torch
 
 from memflow.config import StreamConfig
 from memflow.context import StreamingContext
-from memflow.dit import TextKV, WanDiT
+from memflow.dit import BlockRunner, TextKV, WanDiT
 from memflow.scheduler import FlowMatchScheduler
 
 NoiseFn = Callable[[int, int], torch.Tensor]
+# compile setting -> torch.compile mode; "cudagraphs" also captures CUDA graphs (reduce-overhead)
+COMPILE_MODES: dict[bool | str, str | None] = {True: None, "cudagraphs": "reduce-overhead"}
+
+
+def _call_block(block: torch.nn.Module, tokens: torch.Tensor, *args) -> torch.Tensor:
+    return block(tokens, *args)
+
+
+def compiled_block_runner(compile: bool | str, backend: str = "inductor") -> BlockRunner:
+    """A ``run_block`` for :meth:`WanDiT.forward` that compiles the block call (one graph serves every layer)."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r}: choose false, true or 'cudagraphs'")
+    options = {"mode": COMPILE_MODES[compile]} if backend == "inductor" else {}
+    return torch.compile(_call_block, backend=backend, fullgraph=True, dynamic=False, **options)
 
 
 class StreamingGenerator:
     """Causal few-step generation over a ``StreamingContext``."""
 
     def __init__(
-        self, dit: WanDiT, config: StreamConfig, scheduler: FlowMatchScheduler | None = None, *, trace: bool = False
+        self,
+        dit: WanDiT,
+        config: StreamConfig,
+        scheduler: FlowMatchScheduler | None = None,
+        *,
+        trace: bool = False,
+        compile: bool | str = False,
+        compile_backend: str = "inductor",
     ):
-        """``trace=True`` keeps, for every model call, what it attended to (``context.traces``)."""
+        """``trace=True`` keeps, for every model call, what it attended to (``context.traces``); ``compile``
+        (true or ``"cudagraphs"``) compiles the calls without autograd (``compile_backend``: a torch.compile
+        backend, ``eager`` to trace only)."""
         self.dit = dit
         self.config = config
         self.trace = trace
+        self.compile = compile
+        self._run_block = compiled_block_runner(compile, compile_backend) if compile else None
         self.scheduler = scheduler or FlowMatchScheduler(shift=config.timestep_shift)
         steps = config.denoising_step_list
         self.timesteps = (
@@ -81,6 +111,9 @@ class StreamingGenerator:
                 device=param.device,
             )
             self._geometry = geometry
+            if self.compile == "cudagraphs":  # the graphs write the cache in place: its addresses never change
+                for buffer in (*self.context.layer_k, *self.context.layer_v):
+                    torch._dynamo.mark_static_address(buffer)
         else:
             self.context.reset()
         self.context.tracing = self.trace
@@ -128,7 +161,7 @@ class StreamingGenerator:
         requires_grad: bool = False,
         on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Sample the next chunk from ``noise`` [B, chunk, C, H, W]; returns its x0 prediction.
+        """Sample the next chunk from ``noise`` [B, chunk, C, H, W]; returns its x0 prediction (float32).
 
         ``renoise(chunk_index, step)`` supplies the fresh noise after each step (default: Gaussian
         from ``generator``). ``exit_step`` stops early (Self-Forcing); only that step runs with
@@ -141,7 +174,7 @@ class StreamingGenerator:
             raise ValueError(f"all {self.num_frames} frames of this video are already generated")
         last = len(self.timesteps) - 1 if exit_step is None else exit_step
         self._enter_chunk()
-        x = noise
+        x = noise.to(torch.float32)
         for step in range(last + 1):
             t = self.timesteps[step]
             grad = requires_grad and step == last
@@ -162,12 +195,12 @@ class StreamingGenerator:
         """Write the finished chunk into the cache with one clean pass at ``context_noise``."""
         self._enter_chunk()
         t = self._context_t
-        x = x0.detach()
+        clean = x = x0.detach().to(torch.float32)
         if self.config.context_noise > 0:
             x = self.scheduler.add_noise(x, _randn_like(x, generator), self._t(x, t))
         with torch.no_grad():
             self._forward(x, self.frame, t, "commit")
-        self._recent.append(x0.detach())
+        self._recent.append(clean)
         keep = self.num_frames if self.config.memory == "full" else self.config.local_attn_size
         while sum(c.shape[1] for c in self._recent) - self._recent[0].shape[1] >= keep:
             self._recent.pop(0)
@@ -195,7 +228,7 @@ class StreamingGenerator:
             )
         b, f, _, h, w = noise.shape
         self.start(prompts[0], num_frames=f, latent_height=h, latent_width=w, batch_size=b)
-        out = torch.empty_like(noise)
+        out = torch.empty_like(noise, dtype=torch.float32)
         segment = 0
         for start in range(0, f, self.chunk):
             while segment < len(switch_frames) and start >= switch_frames[segment]:
@@ -246,7 +279,7 @@ class StreamingGenerator:
                 continue
             sma = None
             if call.sma:
-                sma = [[sorted(set(head)) for head in layer[sample].flatten(1).tolist()] for layer in call.sma]
+                sma = [[sorted(set(head) - {-1}) for head in layer[sample].flatten(1).tolist()] for layer in call.sma]
             chunks.append({
                 "chunk": call.start // self.chunk,
                 "start_frame": call.start,
@@ -278,7 +311,10 @@ class StreamingGenerator:
     def _forward(
         self, x: torch.Tensor, start: int, t: torch.Tensor, kind: str, text_kv: TextKV | None = None
     ) -> torch.Tensor:
-        self.context.begin(start, x.shape[1], kind)
+        run_block = None if torch.is_grad_enabled() else self._run_block
+        self.context.begin(start, x.shape[1], kind, fixed=run_block is not None)
+        if run_block is not None and self.compile == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
         try:
             return self.dit(
                 x,
@@ -286,6 +322,7 @@ class StreamingGenerator:
                 text_kv=text_kv or self.context.text_kv,
                 start_frame=start,
                 attention_context=self.context,
+                run_block=run_block,
             )
         finally:
             self.context.end()

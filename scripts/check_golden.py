@@ -1,6 +1,6 @@
 """Run every golden case of the released code against this implementation.
 
-usage: python scripts/check_golden.py [GOLDEN_DIR] [--atol 1e-4]
+usage: python scripts/check_golden.py [GOLDEN_DIR] [--dtype float32|bfloat16] [--atol 1e-4]
 
 Prints one line per case with its largest absolute error and exits 1 on any failure, including
 a case listed in cases.json that this script does not know how to run.

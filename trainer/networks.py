@@ -185,7 +185,7 @@ def adamw(model: nn.Module, lr: float, beta1: float, beta2: float, weight_decay:
 
 
 def autocast(plan: TrainPlan) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA with ``mixed_precision`` (master weights stay float32), else nothing."""
+    """bf16 autocast with ``mixed_precision`` (master weights stay float32), on CUDA or the CPU, else nothing."""
     if not plan.mixed_precision:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(plan.device.type, dtype=torch.bfloat16)

@@ -323,6 +323,6 @@ def plan_training(
         width=size.width, latent_height=size.latent_height, latent_width=size.latent_width, num_frames=num_frames,
         batch_size=batch, accumulation=accumulation, rank=rank, world_size=world_size, adapter=adapter,
         streaming=streaming, prompts=prompts, switch_prompts=switch_prompts, device=device,
-        mixed_precision=bool(cfg.mixed_precision) and device.type == "cuda", sharding=SHARDING[sharding],
+        mixed_precision=bool(cfg.mixed_precision), sharding=SHARDING[sharding],
         logdir=logdir,
     )  # fmt: skip
