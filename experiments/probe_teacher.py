@@ -31,7 +31,7 @@ sighting's latent frames are replaced by the empty opening chunk's, over the err
 few noise levels of the return. ``joint`` noises the whole clip alike (as DMD noises a generated window);
 ``clean_context`` leaves everything before the return clean (as the causal generator has it). 1.0 means
 the teacher ignores the sighting. Removing the sighting also removes where the subject was, which a return
-in place reveals by itself; the ``_recoloured`` rows keep place, shape and pattern and change only the
+in place reveals by itself; the ``_recoloured`` rows keep place and shape and change only the
 colour of the sighting (:func:`recoloured_sighting`), so they measure whether the teacher takes the
 subject's look from it.
 
@@ -197,7 +197,7 @@ def without_sighting(latents: torch.Tensor, story: Narrative) -> torch.Tensor:
 
 def recoloured_sighting(video: torch.Tensor, story: Narrative) -> torch.Tensor:
     """A clip's pixels ``[T, 3, H, W]`` with the colour channels of every subject pixel rolled in the pixel frames
-    of its sighting: the same place, shape and pattern in another colour."""
+    of its sighting: the same place and shape in another colour."""
     frames = sorted({p for f in sighting_frames(story) for p in range(pixel_frame(f), pixel_frame(f + 1))})
     part = video[frames]
     mask = subject_mask(part.transpose(0, 1)[None])[0].transpose(0, 1)

@@ -3,8 +3,7 @@
 # checkpoints/memflow-tiny/. Stage by stage, each skipped when its output already exists (rerun to resume):
 #   0. prompts   training prompts of training-split seeds (clip prompts, return clips mixed in as the teacher's)
 #                                                               -> prompts/toy/{train,switch_first,switch_second}.txt
-#   1. vae       tiny AutoencoderKLWan on short windows (configs/toy/vae.yaml)   -> logs/toy/vae_base/
-#      vae_long  the same tuned on whole streamed 36-latent clips (configs/toy/vae_long.yaml) -> logs/toy/release/vae/
+#   1. vae       tiny AutoencoderKLWan on images, inflated to video (configs/toy/vae.yaml) -> logs/toy/release/vae/
 #   2. teacher   bidirectional DiT, flow matching on cached VAE latents of clips (and of return clips when
 #                return_fraction > 0: a subject named by none of its attributes, a cut away, its return;
 #                configs/toy/teacher.yaml)
@@ -56,8 +55,7 @@ stage() {  # stage NAME DONE_FILE COMMAND...
 }
 
 stage prompts prompts/toy/switch_second.txt "$PYTHON" scripts/train_toy.py prompts --count 2000
-stage vae "$LOGS/vae_base/config.json" "$PYTHON" scripts/train_toy.py vae
-stage vae_long "$LOGS/release/vae/config.json" "$PYTHON" scripts/train_toy.py vae --config_path configs/toy/vae_long.yaml
+stage vae "$LOGS/release/vae/config.json" "$PYTHON" scripts/train_toy.py vae
 stage teacher "$LOGS/release/transformer/diffusion_pytorch_model.safetensors" "$PYTHON" scripts/train_toy.py teacher
 stage ode_init "$LOGS/ode_init/base.pt" "$PYTHON" scripts/train.py --stage ode_init \
     --config_path configs/toy/ode_init.yaml --logdir "$LOGS/ode_init"

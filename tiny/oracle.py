@@ -6,21 +6,19 @@ visibility - never its ground-truth frames) and generated frames ``uint8 [T, 64,
 1. estimates each frame's background as a per-row colour profile (median over columns, then over a
    short window of frames of the same segment), marks pixels far from it as foreground and labels
    8-connected components in all frames at once;
-2. describes every component: colour (majority vote of its interior pixels over the palette), pattern
-   (share of interior pixels nearer a palette shade than a palette colour, and share of those shaded
-   pixels lying on a diagonal stripe), shape (nearest calibrated
-   prototype of extent, rotational inertia, vertical centroid offset, centre fill and aspect ratio) and
-   size class (bounding-box extent). Prototypes and thresholds are calibrated by running this very
-   detector on frames rendered by the world, so the oracle and the renderer cannot drift apart;
+2. describes every component: colour (majority vote of its interior pixels over the palette) and shape
+   (nearest calibrated prototype of fill, rotational inertia, vertical centroid offset, centre fill and
+   aspect ratio). Prototypes are calibrated by running this very detector on frames rendered by the
+   world, so the oracle and the renderer cannot drift apart;
 3. scores, all in [0, 1]:
 
-   - ``identity_consistency``: a returning subject's colour, shape and pattern compared with its own
+   - ``identity_consistency``: a returning subject's colour and shape compared with its own
      earlier appearance in the SAME video (0 when either appearance is missing). A generator with no
      memory at all still scores by chance, the more so the more alike it draws every subject and the
      more reliably it draws one at all; :func:`chance_identity` measures that floor across videos;
    - ``background_consistency``: a returning scene's row-colour profile compared with its earlier
      appearance in the same video, zero unless at least half of both is recognisable background;
-   - ``adherence``: share of attributes the prompts state (size, colour, pattern, shape, scene) that
+   - ``adherence``: share of attributes the prompts state (colour, shape, scene) that
      are detected;
    - ``duplicate_rate`` (lower is better): share of segments in which, in at least a quarter of the
      frames, more subjects are detected than the narrative has in view;
@@ -42,28 +40,42 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from tiny import world
-from tiny.world import COLOURS, PATTERNS, SCENES, SHAPES, SIZES, Narrative, SegmentInfo
+from tiny.world import COLOURS, SCENES, SHAPES, Narrative, SegmentInfo
 
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background row profile that marks a foreground pixel
+PALETTE_DISTANCE = 45.0  # RGB distance from a subject colour within which a pixel is left out of the background
 BACKGROUND_WINDOW = 4  # frames either side pooled for a frame's background estimate
 MIN_AREA = world.MIN_VISIBLE_AREA
-MAX_AREA = 900  # larger blobs (e.g. a whole noisy frame) are not subjects
-MAX_EXTENT = 34
+MAX_AREA = 1400  # larger blobs (e.g. a whole noisy frame) are not subjects; a disc covers about 800 pixels
+MAX_EXTENT = 40  # a subject spans 2 * world.HALF_EXTENT = 32 pixels
 PRESENT = 0.5  # share of its visible frames in which a subject must be found to count as present
 DUPLICATE_FRAMES = 0.25
-JUMP = 6.0  # pixels per frame; the world never moves faster than world.MAX_SPEED = 3
+JUMP = 6.0  # pixels per frame; the world never moves faster than world.MAX_SPEED = 3.5
 FLICKER = 20.0  # mean absolute background change (0-255) per frame that scores zero steadiness
 BACKGROUND_SCALE = 60.0  # mean row-profile distance that scores zero background consistency
 MIN_BACKGROUND = 0.5  # share of the frame that must be background for a background to count
-FEATURE_SCALES = np.array([0.08, 0.06, 0.04, 0.35, 0.1])  # extent, inertia, offset, centre fill, aspect
+FEATURE_SCALES = np.array([0.08, 0.06, 0.04, 0.35, 0.1])  # fill, inertia, offset, centre fill, aspect
 
 COLOUR_NAMES = tuple(COLOURS)
-_REFERENCES = np.array([*COLOURS.values(), *(world.shade_of(c) for c in COLOURS)], dtype=np.float32)
+_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 
 
 def background_rows(frames: np.ndarray, bounds: list[tuple[int, int]]) -> np.ndarray:
-    """Per-frame background row profiles ``float32 [T, H, 3]``, pooled over frames of the same segment only."""
-    profiles = np.median(frames.astype(np.float32), axis=2)
+    """Per-frame background row profiles ``float32 [T, H, 3]``, pooled over frames of the same segment only.
+
+    A row's profile is the median of its pixels that are neither near a subject colour nor beside one (an
+    anti-aliased rim): a subject may cover half a row, which would pull a plain median onto it. Rows with no
+    such pixel fall back to the plain median.
+    """
+    pixels = frames.astype(np.float32)
+    near = (((pixels[..., None, :] - _PALETTE) ** 2).sum(-1) < PALETTE_DISTANCE**2).any(-1)
+    padded = np.pad(near, ((0, 0), (1, 1), (1, 1)))
+    near = functools.reduce(np.logical_or, (padded[:, 1 + dy : near.shape[1] + 1 + dy, 1 + dx : near.shape[2] + 1 + dx]
+                                            for dy in (-1, 0, 1) for dx in (-1, 0, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        profiles = np.nanmedian(np.where(near[..., None], np.nan, pixels), axis=2)
+    profiles = np.where(np.isnan(profiles), np.median(pixels, axis=2), profiles)
     out = np.empty_like(profiles)
     for start, end in bounds:
         padded = np.pad(profiles[start:end], ((BACKGROUND_WINDOW, BACKGROUND_WINDOW), (0, 0), (0, 0)), mode="edge")
@@ -136,7 +148,6 @@ class Components:
     extent: np.ndarray  # max(bounding-box width, height)
     border: np.ndarray  # touches the frame's edge
     colour: np.ndarray  # index into COLOURS
-    texture: np.ndarray  # [n, 2]: share of interior pixels in a pattern shade, share of those on a stripe
     features: np.ndarray  # [n, 5] shape descriptor
     valid: np.ndarray  # plausible as a subject (area and extent within bounds)
 
@@ -171,29 +182,17 @@ def describe(frames: np.ndarray, mask: np.ndarray) -> Components:
     features = np.stack([area / (width * height), 2.0 * np.pi * inertia / area**2,
                          (cy - (y_lo + y_hi) / 2.0) / height, centre / 9.0, width / height], axis=1)
     pixels = frames[mask].astype(np.float32)
-    distance = ((pixels[:, None, :] - _REFERENCES[None]) ** 2).sum(-1)
-    nearest = distance.argmin(1)
+    nearest = ((pixels[:, None, :] - _PALETTE[None]) ** 2).sum(-1).argmin(1)
     padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
     interior = mask & padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:]
     use = interior[mask]
-    use_comp = np.where(np.bincount(comp, use, n)[comp] > 0, use, True)  # unless a blob has nothing else
+    weight = np.where(np.bincount(comp, use, n)[comp] > 0, use, True).astype(np.float64)  # rims only if nothing else
     k = len(COLOURS)
-    is_shade = nearest >= k
-    weight = use_comp.astype(np.float64)
-    base_votes = np.bincount(comp * k + nearest % k, weight * ~is_shade, n * k).reshape(n, k)
-    shade_votes = np.bincount(comp * k + nearest % k, weight * is_shade, n * k).reshape(n, k)
-    votes = np.where(base_votes.sum(1, keepdims=True) > 0, base_votes, shade_votes)
-    shaded = np.zeros(mask.shape, dtype=bool)
-    shaded[mask] = is_shade & use_comp
-    padded = np.pad(shaded, ((0, 0), (1, 1), (1, 1)))
-    on_stripe = (shaded & padded[:, :-2, 2:] & padded[:, 2:, :-2])[mask]  # shaded both ways along x + y = const
-    shade_count = np.bincount(comp, shaded[mask], n)
-    texture = np.stack([shade_count / np.bincount(comp, weight, n),
-                        np.bincount(comp, on_stripe, n) / np.maximum(shade_count, 1)], axis=1)
+    votes = np.bincount(comp * k + nearest, weight, n * k).reshape(n, k)
     extent = np.maximum(width, height)
     border = (x_lo == 0) | (y_lo == 0) | (x_hi == w - 1) | (y_hi == h - 1)
     valid = (area >= MIN_AREA) & (area <= MAX_AREA) & (extent <= MAX_EXTENT)
-    return Components(frame, area, cx, cy, extent, border, votes.argmax(1), texture, features, valid)
+    return Components(frame, area, cx, cy, extent, border, votes.argmax(1), features, valid)
 
 
 def detect(frames: np.ndarray, bounds: list[tuple[int, int]]) -> tuple[np.ndarray, Components]:
@@ -204,35 +203,22 @@ def detect(frames: np.ndarray, bounds: list[tuple[int, int]]) -> tuple[np.ndarra
 
 @dataclass(frozen=True)
 class Classes:
-    """Per-component class indices into SHAPES, PATTERNS and SIZES."""
+    """Per-component class indices into SHAPES."""
 
     shape: np.ndarray
-    pattern: np.ndarray
-    size: np.ndarray
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Shape prototypes, and pattern and size thresholds midway between classes, measured on rendered frames."""
+    """Shape prototypes (one per shape, index as in SHAPES) and scene row profiles, measured on rendered frames."""
 
-    prototypes: np.ndarray  # [k, 5]
-    prototype_shapes: tuple[str, ...]
-    shade_edge: float  # shade share above which a subject is patterned
-    stripe_edge: float  # share of shaded pixels on stripes above which the pattern is striped
-    size_edges: np.ndarray  # extent thresholds between size classes
+    prototypes: np.ndarray  # [len(SHAPES), 5]
     scene_rows: np.ndarray  # [n_scenes, H, 3]
 
     def classify(self, comps: Components) -> Classes:
-        """Nearest shape prototype, nearest pattern shade share and size class of every component."""
+        """Nearest shape prototype of every component."""
         distance = (((comps.features[:, None] - self.prototypes[None]) / FEATURE_SCALES) ** 2).sum(-1)
-        shape_of_prototype = np.array([SHAPES.index(name) for name in self.prototype_shapes])
-        return Classes(
-            shape=shape_of_prototype[distance.argmin(1)] if len(distance) else np.zeros(0, dtype=int),
-            pattern=np.where(comps.texture[:, 1] >= self.stripe_edge, PATTERNS.index("striped"),
-                             np.where(comps.texture[:, 0] >= self.shade_edge, PATTERNS.index("dotted"),
-                                      PATTERNS.index("solid"))),
-            size=np.searchsorted(self.size_edges, comps.extent),
-        )
+        return Classes(shape=distance.argmin(1) if len(distance) else np.zeros(0, dtype=int))
 
     def scene(self, rows: np.ndarray) -> int:
         """Index of the scene whose row profile is nearest (rows that are NaN are ignored; 0 if all are)."""
@@ -244,35 +230,23 @@ class Calibration:
 
 @functools.cache
 def calibration() -> Calibration:
-    """Run the detector on every shape, pattern and size, at a few sub-pixel positions and on every scene."""
+    """Run the detector on every shape, at a few sub-pixel positions and on every scene."""
     frames, truth = [], []
     offsets = ((32.0, 32.0), (30.3, 33.6), (33.7, 30.5), (31.5, 31.2))
-    for index, (shape, pattern, size) in enumerate(
-        (s, p, z) for s in SHAPES for p in PATTERNS for z in SIZES
-    ):
-        subject = world.Subject(shape, "red", pattern, size)
-        for j, (x, y) in enumerate(offsets):
-            r = SIZES[size]
-            motion = world.Motion("still", x, y, x, y, r, r)
-            scene = SCENES[(index + j) % len(SCENES)]
-            frames.append(world.render(world.Shot(scene, (world.Actor(0, subject, motion),)), 1)[0])
-            truth.append((shape, pattern, size))
+    for index, shape in enumerate(SHAPES):
+        subject = world.Subject(shape, "red")
+        for x, y in offsets:
+            actor = world.Actor(0, subject, world.Motion("still", x, y, x, y))
+            frames += [world.render(world.Shot(scene, (actor,)), 1)[0] for scene in SCENES]
+            truth += [index] * len(SCENES)
     frames = np.stack(frames)
     components = describe(frames, foreground(frames, background_rows(frames, [(i, i + 1) for i in range(len(frames))])))
     largest = np.array([np.flatnonzero(components.frame == i)[components.area[components.frame == i].argmax()]
                         for i in range(len(frames))])
-    features = components.features[largest]
-    keys = sorted({(s, z) for s, _, z in truth})
-    prototypes = np.stack([features[[i for i, (s, _, z) in enumerate(truth) if (s, z) == key]].mean(0) for key in keys])
-    texture = {pattern: components.texture[largest][[i for i, (_, p, _) in enumerate(truth) if p == pattern]]
-               for pattern in PATTERNS}
-    shade_edge = (texture["solid"][:, 0].max() + texture["dotted"][:, 0].min()) / 2.0
-    stripe_edge = (texture["dotted"][:, 1].max() + texture["striped"][:, 1].min()) / 2.0
-    extents = np.array([components.extent[largest][[i for i, (_, _, z) in enumerate(truth) if z == size]].mean()
-                        for size in SIZES])
+    features, truth = components.features[largest], np.array(truth)
+    prototypes = np.stack([features[truth == index].mean(0) for index in range(len(SHAPES))])
     scene_rows = np.stack([np.median(world.scene_image(scene), axis=1) for scene in SCENES])
-    size_edges = (extents[1:] + extents[:-1]) / 2.0
-    return Calibration(prototypes, tuple(s for s, _ in keys), shade_edge, stripe_edge, size_edges, scene_rows)
+    return Calibration(prototypes, scene_rows)
 
 
 @dataclass(frozen=True)
@@ -282,8 +256,6 @@ class Observation:
     presence: float
     colour: str | None
     shape: str | None
-    pattern: str | None
-    size: str | None
 
     def attribute(self, name: str) -> str | None:
         return getattr(self, name)
@@ -294,10 +266,10 @@ def _mode(values: np.ndarray, names: tuple[str, ...]) -> str | None:
 
 
 def identity_similarity(now: Observation, before: Observation) -> float:
-    """Share of colour, shape and pattern that agree (ignoring those unknown in both); 0 if either is missing."""
+    """Share of colour and shape that agree (ignoring those unknown in both); 0 if either is missing."""
     if now.presence < PRESENT or before.presence < PRESENT:
         return 0.0
-    pairs = [(now.attribute(a), before.attribute(a)) for a in ("colour", "shape", "pattern")]
+    pairs = [(now.attribute(a), before.attribute(a)) for a in world.ATTRIBUTES]
     pairs = [(a, b) for a, b in pairs if a is not None or b is not None]
     return float(np.mean([a == b for a, b in pairs])) if pairs else 0.0
 
@@ -398,8 +370,6 @@ class Oracle:
             presence=len(found) / len(frames) if frames else 0.0,
             colour=_mode(comps.colour[found], COLOUR_NAMES),
             shape=_mode(classes.shape[whole], SHAPES),
-            pattern=_mode(classes.pattern[found], PATTERNS),
-            size=_mode(classes.size[whole], tuple(SIZES)),
         )
 
     @staticmethod

@@ -40,16 +40,16 @@ from tiny import oracle
 from tiny.world import (
     CHUNK_FRAMES,
     COLOURS,
-    PATTERNS,
+    HALF_EXTENT,
     SCENES,
     SHAPES,
     SIZE,
-    SIZES,
     Actor,
     Motion,
     Shot,
     Subject,
     clip_from_seed,
+    coverage,
     from_model_pixels,
     min_narrative_latent_frames,
     narrative_from_seed,
@@ -420,7 +420,7 @@ def roundtrip_report(vae: WanVAE, seeds: Sequence[int], latent_frames: int) -> d
     return oracle.aggregate(scores)
 
 
-ATTRIBUTE_VALUES = {"shape": SHAPES, "pattern": PATTERNS, "size": tuple(SIZES), "colour": tuple(COLOURS)}
+ATTRIBUTE_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS)}
 MOVES = {"moved_1px": 1.0, "moved_2px": 2.0}  # pixels to the right
 CONTRAST_CHANGES = (*ATTRIBUTE_VALUES, *MOVES)
 TOUCHED = 0.3  # latent RMS over channels by which a cell must differ from the empty scene to count as the subject's
@@ -446,14 +446,13 @@ def attribute_contrast(vae: WanVAE, count: int = 24, seed: int = 0) -> dict[str,
     sums = dict.fromkeys(CONTRAST_CHANGES, 0.0)
     for _ in range(count):
         subject, scene = random_subject(rng), SCENES[int(rng.integers(len(SCENES)))]
-        r = max(SIZES.values())  # room for any size and the largest move inside the frame
-        x, y = (float(v) for v in rng.uniform(r + 2, SIZE - r - 2 - max(MOVES.values()), size=2))
+        low, high = HALF_EXTENT + 2, SIZE - HALF_EXTENT - 2 - max(MOVES.values())  # room for the largest move
+        x, y = (float(v) for v in rng.uniform(low, high, size=2))
         shots = [Shot(scene)]
         for change in ("none", *CONTRAST_CHANGES):
             shifted = x + MOVES.get(change, 0.0)
             shown = _changed(subject, change, rng)
-            radius = SIZES[shown.size]
-            shots.append(Shot(scene, (Actor(0, shown, Motion("still", shifted, y, shifted, y, radius, radius)),)))
+            shots.append(Shot(scene, (Actor(0, shown, Motion("still", shifted, y, shifted, y)),)))
         pixels = np.stack([to_model_pixels(render(shot, 1)) for shot in shots])
         latents = vae.encode(torch.from_numpy(pixels))[:, 0].float()  # [1 + 1 + changes, C, h, w]
         empty, original, changed = latents[0], latents[1], latents[2:]
@@ -467,7 +466,7 @@ def attribute_contrast(vae: WanVAE, count: int = 24, seed: int = 0) -> dict[str,
 
 @dataclass(frozen=True)
 class ColourProbe:
-    """How well a subject's colour can be read from the latent vector at its centre: the accuracy of a
+    """How well a subject's colour can be read from the latent vector of the cell it covers most: the accuracy of a
     k-nearest-neighbour vote over reference subjects on held-out ones, against always answering the
     reference's commonest colour. Latents that do not carry the colour cap every generator and every memory
     policy: no decoder can redraw what the encoder dropped."""
@@ -494,16 +493,14 @@ def colour_probe(vae: WanVAE, seeds: Sequence[int], neighbours: int = 5) -> Colo
     first = torch.from_numpy(np.stack([to_model_pixels(clip.frames[:1]) for clip in clips]))
     latents = vae.encode(first)[:, 0].float()  # [N, C, h, w]
     height, width = latents.shape[-2:]
-    stride_y, stride_x = first.shape[-2] // height, first.shape[-1] // width
     features, colours = [], []
     names = list(COLOURS)
     for clip, latent in zip(clips, latents, strict=True):
         shot, frames = clip.shots[0], clip.frames.shape[0]
         for actor, shown in zip(shot.actors, visibility(shot, frames)[0], strict=True):
             if shown:
-                x, y, _ = (float(v[0]) for v in actor.motion.trajectory(frames))
-                row = min(max(int(y // stride_y), 0), height - 1)
-                col = min(max(int(x // stride_x), 0), width - 1)
+                cells = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(coverage(actor, 1)), (height, width))
+                row, col = divmod(int(cells.flatten().argmax()), width)
                 features.append(latent[:, row, col])
                 colours.append(names.index(actor.subject.colour))
     if len(colours) < 3 * neighbours:

@@ -5,10 +5,15 @@ Everything is 64x64 RGB at 16 fps. A video of ``n`` latent frames has ``1 + 4 (n
 Frames are ``uint8`` arrays laid out ``[T, 64, 64, 3]``; :func:`to_model_pixels` turns them into the
 project's VAE layout ``[T, 3, H, W]`` float in ``[-1, 1]``.
 
-A subject has an identity (shape, colour, pattern) and a size class; a scene is a static background.
-Subjects follow smooth motions (eased positions as continuous functions of time). Three sampled units:
+A subject's identity is its colour and shape; a scene is a static background. Subjects are large
+(half extent ``HALF_EXTENT`` = 16 px, i.e. 4x4 latent cells at the VAE's 8x stride) and the four shapes
+differ in where their mass sits (disc, horizontal bar, vertical tower, ring), so that a change of
+identity moves the latents far more than a small displacement (``tiny.vae_train.attribute_contrast``).
+Subjects that large do not fit two to a frame, so a scene holds one subject at a time and narratives
+bring new subjects in sequence. Subjects follow smooth motions (eased positions as continuous functions
+of time). Three sampled units:
 
-- :class:`Clip` - one prompt, one scene, 0-2 subjects, one action each (teacher / VAE training); or,
+- :class:`Clip` - one prompt, one scene, 0-1 subject, one action (teacher / VAE training); or,
   from :func:`sample_return_clip`, one prompt over a subject named by none of its attributes, a cut away
   and its return (teacher training: a returning subject's identity is fixed only by earlier frames);
 - :class:`Narrative` with two segments - :func:`sample_switch_clip` (prompt-switch training);
@@ -28,7 +33,7 @@ are disjoint (:func:`split_seeds`).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,8 +41,9 @@ SIZE = 64
 FPS = 16
 CHUNK_FRAMES = 3
 MIN_VISIBLE_AREA = 20  # pixels of coverage >= 0.5 for a subject to count as visible in a frame
-MAX_SPEED = 3.0  # pixels per frame, the fastest any subject moves
+MAX_SPEED = 3.5  # pixels per frame, the fastest any subject moves (a centred subject leaves in 2 chunks)
 MIN_BOUNCE = 5.0  # px: the lowest bounce that reads as one
+MIN_TRAVEL = 8.0  # px: the shortest move that reads as one
 MEMORY_GAP = 12  # latent frames a subject or scene must be absent to leave the local window
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -47,16 +53,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "green": (30, 215, 60),
     "blue": (35, 75, 235),
     "purple": (150, 55, 215),
-    "pink": (255, 120, 200),
-    "cyan": (30, 215, 215),
 }
-SHADE = 0.45  # pattern marks are the subject's colour darkened to this fraction
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
-PATTERNS = ("solid", "striped", "dotted")
-SIZES: dict[str, float] = {"small": 5.5, "medium": 8.0, "large": 11.0}  # half extent in pixels
-PATTERN_PERIOD = 5.0
-DOT_RADIUS = 1.2
-RING_MIDDLE = 0.675  # a ring's band runs from 0.35 to 1.0 of its half extent
+SHAPES = ("circle", "bar", "tower", "ring")
+HALF_EXTENT = 16.0  # pixels: every subject's half width or half height, whichever is larger
+BAR_THICKNESS = 0.45  # a bar's (tower's) half height (half width) as a share of its half extent
+RING_MIDDLE = 0.725  # a ring's band runs from 0.45 to 1.0 of its half extent
 
 # top colour, bottom colour of each scene's vertical gradient
 SCENE_GRADIENTS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
@@ -123,18 +124,16 @@ def split_of(seed: int) -> str:
 
 @dataclass(frozen=True)
 class Subject:
-    """What a subject looks like: its identity (shape, colour, pattern) and its current size class."""
+    """What a subject looks like: its identity, a colour and a shape."""
 
     shape: str
     colour: str
-    pattern: str
-    size: str
 
     def attribute(self, name: str) -> str:
         return getattr(self, name)
 
 
-ATTRIBUTES = ("size", "colour", "pattern", "shape")
+ATTRIBUTES = ("colour", "shape")
 
 
 def _ease(u: np.ndarray, span: float) -> np.ndarray:
@@ -145,31 +144,28 @@ def _ease(u: np.ndarray, span: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Motion:
-    """A smooth path from (x0, y0, r0) to (x1, y1, r1), optionally with bounces, over one segment."""
+    """A smooth path from (x0, y0) to (x1, y1), optionally with bounces, over one segment."""
 
     action: str
     x0: float
     y0: float
     x1: float
     y1: float
-    r0: float
-    r1: float
     span: float = 1.0  # fraction of the segment the eased travel takes
     bounce_height: float = 0.0
     bounces: int = 0
     edge: str = ""  # for enter / leave
 
-    def trajectory(self, num_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Centre x, centre y and half extent for each frame (u runs from 0 to 1 inclusive)."""
+    def trajectory(self, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """Centre x and centre y for each frame (u runs from 0 to 1 inclusive)."""
         u = np.linspace(0.0, 1.0, num_frames) if num_frames > 1 else np.zeros(1)
         e = _ease(u, self.span)
         x = self.x0 + (self.x1 - self.x0) * e
         y = self.y0 + (self.y1 - self.y0) * e - self.bounce_height * np.abs(np.sin(np.pi * self.bounces * u))
-        r = self.r0 + (self.r1 - self.r0) * e
-        return x, y, r
+        return x, y
 
-    def end(self) -> tuple[float, float, float]:
-        return self.x1, self.y1, self.r1
+    def end(self) -> tuple[float, float]:
+        return self.x1, self.y1
 
 
 @dataclass(frozen=True)
@@ -196,64 +192,17 @@ def _box(px: np.ndarray, py: np.ndarray, bx: np.ndarray, by: np.ndarray) -> np.n
     return outside + np.minimum(np.maximum(dx, dy), 0.0)
 
 
-def _triangle(px: np.ndarray, py: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Exact distance to an upright equilateral triangle of side 2r centred on its centroid (y down)."""
-    k = np.sqrt(3.0)
-    qx = np.abs(px) - r
-    qy = -py + r / k
-    flip = qx + k * qy > 0.0
-    qx, qy = np.where(flip, (qx - k * qy) / 2.0, qx), np.where(flip, (-k * qx - qy) / 2.0, qy)
-    qx = qx - np.clip(qx, -2.0 * r, 0.0)
-    return -np.hypot(qx, qy) * np.sign(qy)
-
-
-def shape_distance(shape: str, px: np.ndarray, py: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Signed distance (pixels, negative inside) to a shape whose bounding box is about 2r wide."""
+def shape_distance(shape: str, px: np.ndarray, py: np.ndarray, r: float | np.ndarray = HALF_EXTENT) -> np.ndarray:
+    """Signed distance (pixels, negative inside) to a shape whose bounding box is at most 2r across."""
     if shape == "circle":
         return np.hypot(px, py) - r
-    if shape == "square":
-        return _box(px, py, r, r)
-    if shape == "triangle":
-        return _triangle(px, py - r * np.sqrt(3.0) / 6.0, r)  # bounding-box centre -> centroid
-    if shape == "diamond":
-        return (np.abs(px) + np.abs(py) - r) / np.sqrt(2.0)
-    if shape == "cross":
-        return np.minimum(_box(px, py, r, 0.4 * r), _box(px, py, 0.4 * r, r))
+    if shape == "bar":
+        return _box(px, py, r, BAR_THICKNESS * r)
+    if shape == "tower":
+        return _box(px, py, BAR_THICKNESS * r, r)
     if shape == "ring":
         return np.abs(np.hypot(px, py) - RING_MIDDLE * r) - (1.0 - RING_MIDDLE) * r
     raise ValueError(f"unknown shape {shape!r}")
-
-
-def pattern_weight(pattern: str, shape: str, px: np.ndarray, py: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Anti-aliased weight (0..1) of the darker pattern marks, anchored to the subject's centre.
-
-    Stripes run diagonally with period ``PATTERN_PERIOD``; dots sit on a square lattice of that period,
-    except on a ring, whose dots are spaced along the middle of its band so that even a small ring shows them.
-    """
-    if pattern == "solid":
-        return np.zeros(np.broadcast_shapes(px.shape, py.shape))
-    if pattern == "striped":
-        s = (px + py) / np.sqrt(2.0)
-        dist = np.abs(np.mod(s, PATTERN_PERIOD) - PATTERN_PERIOD / 2.0)
-        return np.clip(PATTERN_PERIOD / 4.0 - dist + 0.5, 0.0, 1.0)
-    if pattern != "dotted":
-        raise ValueError(f"unknown pattern {pattern!r}")
-    if shape == "ring":
-        middle = RING_MIDDLE * r
-        count = np.maximum(4.0, np.round(2.0 * np.pi * middle / PATTERN_PERIOD))
-        step = 2.0 * np.pi / count
-        angle = np.round(np.arctan2(py, px) / step) * step
-        distance = np.hypot(px - middle * np.cos(angle), py - middle * np.sin(angle))
-    else:
-        gx = np.mod(px + PATTERN_PERIOD / 2.0, PATTERN_PERIOD) - PATTERN_PERIOD / 2.0
-        gy = np.mod(py + PATTERN_PERIOD / 2.0, PATTERN_PERIOD) - PATTERN_PERIOD / 2.0
-        distance = np.hypot(gx, gy)
-    return np.clip(DOT_RADIUS + 0.5 - distance, 0.0, 1.0)
-
-
-def shade_of(colour: str) -> np.ndarray:
-    """RGB of a colour's pattern marks."""
-    return np.asarray(COLOURS[colour], dtype=np.float32) * SHADE
 
 
 _GRID_Y, _GRID_X = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
@@ -288,31 +237,24 @@ def scene_image(scene: str) -> np.ndarray:
     return image
 
 
-def _layers(shot: Shot, num_frames: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per actor: coverage ``[T, H, W]`` and colour ``[T, H, W, 3]``."""
-    layers = []
-    for actor in shot.actors:
-        x, y, r = (a.astype(np.float32)[:, None, None] for a in actor.motion.trajectory(num_frames))
-        px, py = _GRID_X[None] - x, _GRID_Y[None] - y
-        coverage = np.clip(0.5 - shape_distance(actor.subject.shape, px, py, r), 0.0, 1.0)
-        weight = pattern_weight(actor.subject.pattern, actor.subject.shape, px, py, r)[..., None]
-        base = np.asarray(COLOURS[actor.subject.colour], dtype=np.float32)
-        layers.append((coverage, base * (1.0 - weight) + shade_of(actor.subject.colour) * weight))
-    return layers
+def coverage(actor: Actor, num_frames: int) -> np.ndarray:
+    """Anti-aliased coverage ``float32 [num_frames, 64, 64]`` (0..1) of an actor's subject."""
+    x, y = (a.astype(np.float32)[:, None, None] for a in actor.motion.trajectory(num_frames))
+    return np.clip(0.5 - shape_distance(actor.subject.shape, _GRID_X[None] - x, _GRID_Y[None] - y), 0.0, 1.0)
 
 
 def render(shot: Shot, num_frames: int) -> np.ndarray:
     """Pixels of a shot: ``uint8 [num_frames, 64, 64, 3]``, actors alpha-composited over the scene."""
     image = np.broadcast_to(scene_image(shot.scene), (num_frames, SIZE, SIZE, 3)).astype(np.float32)
-    for coverage, colour in _layers(shot, num_frames):
-        alpha = coverage[..., None]
-        image = image * (1.0 - alpha) + colour * alpha
+    for actor in shot.actors:
+        alpha = coverage(actor, num_frames)[..., None]
+        image = image * (1.0 - alpha) + np.asarray(COLOURS[actor.subject.colour], dtype=np.float32) * alpha
     return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 
 def visibility(shot: Shot, num_frames: int) -> np.ndarray:
     """``bool [num_frames, n_actors]``: whether each actor shows at least ``MIN_VISIBLE_AREA`` pixels."""
-    areas = [(coverage >= 0.5).sum(axis=(1, 2)) for coverage, _ in _layers(shot, num_frames)]
+    areas = [(coverage(actor, num_frames) >= 0.5).sum(axis=(1, 2)) for actor in shot.actors]
     if not areas:
         return np.zeros((num_frames, 0), dtype=bool)
     return np.stack(areas, axis=1) >= MIN_VISIBLE_AREA
@@ -328,16 +270,10 @@ class Pose:
 
     x: float
     y: float
-    r: float
 
 
-def _limits(r: float, lane: tuple[float, float]) -> tuple[float, float, float, float]:
-    """Allowed centre range (x_lo, x_hi, y_lo, y_hi) that keeps a subject of half extent r, plus a pixel of
-    margin, inside the frame and inside the rows ``lane``."""
-    return r + 1.0, SIZE - r - 1.0, lane[0] + r + 1.0, lane[1] - r - 1.0
-
-
-FULL_LANE = (0.0, float(SIZE))
+R = HALF_EXTENT
+LOW, HIGH = R + 1.0, SIZE - R - 1.0  # centre range that keeps a subject, plus a pixel of margin, in frame
 
 
 def _steps(num_frames: int) -> int:
@@ -345,113 +281,86 @@ def _steps(num_frames: int) -> int:
     return max(1, num_frames - 1)
 
 
+def _reach(num_frames: int) -> float:
+    """The farthest the smoothstep (peak speed 1.5 x mean) travels in a segment without exceeding ``MAX_SPEED``."""
+    return MAX_SPEED * _steps(num_frames) / 1.5
+
+
 def _travel(rng: np.random.Generator, room: float, num_frames: int) -> float:
-    """A distance the smoothstep (peak speed 1.5 x mean) covers without exceeding ``MAX_SPEED``."""
-    return float(rng.uniform(8.0, min(room, MAX_SPEED * _steps(num_frames) / 1.5)))
+    return float(rng.uniform(MIN_TRAVEL, min(room, _reach(num_frames))))
 
 
-def feasible_actions(pose: Pose, num_frames: int, lane: tuple[float, float] = FULL_LANE) -> list[str]:
-    """In-frame actions a subject at ``pose`` can perform within ``num_frames``.
-
-    Inside a lane (two subjects sharing the frame) only horizontal moves and size changes are allowed,
-    so the subjects never share rows.
-    """
-    x_lo, x_hi, y_lo, y_hi = _limits(pose.r, lane)
-    rooms = {"left": pose.x - x_lo, "right": x_hi - pose.x}
-    if lane == FULL_LANE:
-        rooms |= {"up": pose.y - y_lo, "down": y_hi - pose.y}
-    actions = ["still", *(name for name, room in rooms.items() if room >= 8.0)]
-    if lane == FULL_LANE and min(pose.y - y_lo, MAX_SPEED * _steps(num_frames) / np.pi) >= MIN_BOUNCE:
+def feasible_actions(pose: Pose, num_frames: int) -> list[str]:
+    """In-frame actions a subject at ``pose`` can perform within ``num_frames``."""
+    rooms = {"left": pose.x - LOW, "right": HIGH - pose.x, "up": pose.y - LOW, "down": HIGH - pose.y}
+    actions = ["still", *(name for name, room in rooms.items() if min(room, _reach(num_frames)) >= MIN_TRAVEL)]
+    if min(pose.y - LOW, MAX_SPEED * _steps(num_frames) / np.pi) >= MIN_BOUNCE:
         actions.append("bounce")
-    for action, step in (("grow", 1), ("shrink", -1)):
-        target = _neighbour_size(pose.r, step)
-        if target is not None:
-            tx_lo, tx_hi, ty_lo, ty_hi = _limits(target, lane)
-            if tx_lo <= pose.x <= tx_hi and ty_lo <= pose.y <= ty_hi:
-                actions.append(action)
     return actions
 
 
-def _neighbour_size(r: float, step: int) -> float | None:
-    radii = list(SIZES.values())
-    index = radii.index(r) + step
-    return radii[index] if 0 <= index < len(radii) else None
-
-
-def size_name(r: float) -> str:
-    return next(name for name, radius in SIZES.items() if radius == r)
-
-
-def in_frame_motion(
-    rng: np.random.Generator, action: str, pose: Pose, num_frames: int, lane: tuple[float, float] = FULL_LANE
-) -> Motion:
-    """A motion that keeps the subject fully inside the frame (and lane), never faster than ``MAX_SPEED``."""
-    x_lo, x_hi, y_lo, y_hi = _limits(pose.r, lane)
-    x1, y1, r1 = pose.x, pose.y, pose.r
+def in_frame_motion(rng: np.random.Generator, action: str, pose: Pose, num_frames: int) -> Motion:
+    """A motion that keeps the subject fully inside the frame, never faster than ``MAX_SPEED``."""
+    x1, y1 = pose.x, pose.y
     height, bounces = 0.0, 0
     if action == "left":
-        x1 = pose.x - _travel(rng, pose.x - x_lo, num_frames)
+        x1 = pose.x - _travel(rng, pose.x - LOW, num_frames)
     elif action == "right":
-        x1 = pose.x + _travel(rng, x_hi - pose.x, num_frames)
+        x1 = pose.x + _travel(rng, HIGH - pose.x, num_frames)
     elif action == "up":
-        y1 = pose.y - _travel(rng, pose.y - y_lo, num_frames)
+        y1 = pose.y - _travel(rng, pose.y - LOW, num_frames)
     elif action == "down":
-        y1 = pose.y + _travel(rng, y_hi - pose.y, num_frames)
+        y1 = pose.y + _travel(rng, HIGH - pose.y, num_frames)
     elif action == "bounce":
-        height = float(rng.uniform(MIN_BOUNCE, min(14.0, pose.y - y_lo, MAX_SPEED * _steps(num_frames) / np.pi)))
+        height = float(rng.uniform(MIN_BOUNCE, min(14.0, pose.y - LOW, MAX_SPEED * _steps(num_frames) / np.pi)))
         bounces = max(1, min(num_frames // 12, int(MAX_SPEED * _steps(num_frames) / (np.pi * height))))
-    elif action in ("grow", "shrink"):
-        r1 = _neighbour_size(pose.r, 1 if action == "grow" else -1)
     elif action != "still":
         raise ValueError(f"unknown action {action!r}")
-    return Motion(action, pose.x, pose.y, x1, y1, pose.r, r1, 1.0, height, bounces)
+    return Motion(action, pose.x, pose.y, x1, y1, 1.0, height, bounces)
 
 
-def _outside(edge: str, x: float, y: float, r: float) -> tuple[float, float]:
+def _outside(edge: str, x: float, y: float) -> tuple[float, float]:
     """The point just outside ``edge`` level with (x, y)."""
-    return {"left": (-r - 1.0, y), "right": (SIZE + r + 1.0, y), "top": (x, -r - 1.0), "bottom": (x, SIZE + r + 1.0)}[
+    return {"left": (-R - 1.0, y), "right": (SIZE + R + 1.0, y), "top": (x, -R - 1.0), "bottom": (x, SIZE + R + 1.0)}[
         edge
     ]
 
 
-def _enter_depth(r: float, num_frames: int) -> float:
+def _enter_depth(num_frames: int) -> float:
     """How far past the edge an entering subject's centre may settle (the eased travel peaks at 1.5 x mean)."""
-    return MAX_SPEED * 0.8 * _steps(num_frames) / 1.5 - r - 1.0
+    return 0.8 * _reach(num_frames) - R - 1.0
 
 
-def can_enter(r: float, num_frames: int) -> bool:
-    """Whether a subject of half extent ``r`` can come fully into view within ``num_frames``."""
-    return _enter_depth(r, num_frames) >= r + 1.0
+def can_enter(num_frames: int) -> bool:
+    """Whether a subject can come fully into view within ``num_frames``."""
+    return _enter_depth(num_frames) >= LOW
 
 
-def enter_motion(rng: np.random.Generator, edge: str, r: float, num_frames: int) -> Motion:
+def enter_motion(rng: np.random.Generator, edge: str, num_frames: int) -> Motion:
     """Come in from just outside ``edge`` and settle fully inside within 80 % of the segment."""
-    depth = _enter_depth(r, num_frames)
-    if not can_enter(r, num_frames):
-        raise ValueError(f"{num_frames} frames are too few to enter with half extent {r}")
-    along = float(rng.uniform(r + 1.0, SIZE - r - 1.0))
-    inward = float(rng.uniform(r + 1.0, min(depth, SIZE / 2.0 + 8.0)))
+    if not can_enter(num_frames):
+        raise ValueError(f"{num_frames} frames are too few to enter")
+    along = float(rng.uniform(LOW, HIGH))
+    inward = float(rng.uniform(LOW, min(_enter_depth(num_frames), HIGH)))
     x1, y1 = {"left": (inward, along), "right": (SIZE - inward, along), "top": (along, inward),
               "bottom": (along, SIZE - inward)}[edge]
-    x0, y0 = _outside(edge, x1, y1, r)
-    return Motion("enter", x0, y0, x1, y1, r, r, 0.8, edge=edge)
+    x0, y0 = _outside(edge, x1, y1)
+    return Motion("enter", x0, y0, x1, y1, 0.8, edge=edge)
 
 
 def leave_motion(pose: Pose, num_frames: int) -> Motion:
     """Leave through the nearest edge, as early in the segment as ``MAX_SPEED`` allows."""
     distances = {"left": pose.x, "right": SIZE - pose.x, "top": pose.y, "bottom": SIZE - pose.y}
     edge = min(distances, key=distances.get)
-    x1, y1 = _outside(edge, pose.x, pose.y, pose.r)
-    travel = float(np.hypot(x1 - pose.x, y1 - pose.y))
-    span = max(0.5, 1.5 * travel / (MAX_SPEED * _steps(num_frames)))
+    x1, y1 = _outside(edge, pose.x, pose.y)
+    span = max(0.5, float(np.hypot(x1 - pose.x, y1 - pose.y)) / _reach(num_frames))
     if span > 1.0:
         raise ValueError(f"{num_frames} frames are too few to leave from {pose}")
-    return Motion("leave", pose.x, pose.y, x1, y1, pose.r, pose.r, span, edge=edge)
+    return Motion("leave", pose.x, pose.y, x1, y1, span, edge=edge)
 
 
-def random_pose(rng: np.random.Generator, r: float, lane: tuple[float, float] = FULL_LANE) -> Pose:
-    x_lo, x_hi, y_lo, y_hi = _limits(r, lane)
-    return Pose(float(rng.uniform(x_lo, x_hi)), float(rng.uniform(y_lo, y_hi)), r)
+def random_pose(rng: np.random.Generator) -> Pose:
+    return Pose(float(rng.uniform(LOW, HIGH)), float(rng.uniform(LOW, HIGH)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,15 +369,11 @@ def random_pose(rng: np.random.Generator, r: float, lane: tuple[float, float] = 
 
 COLOUR_WORDS = {name: (name,) for name in COLOURS}
 SHAPE_WORDS = {
-    "circle": ("circle", "disc"),
-    "square": ("square", "block"),
-    "triangle": ("triangle",),
-    "diamond": ("diamond", "rhombus"),
-    "cross": ("cross", "plus sign"),
-    "ring": ("ring", "hoop"),
+    "circle": ("circle", "disc", "ball"),
+    "bar": ("bar", "plank", "flat bar"),
+    "tower": ("tower", "pillar", "column"),
+    "ring": ("ring", "hoop", "donut"),
 }
-PATTERN_WORDS = {"solid": ("solid", "plain"), "striped": ("striped", "stripy"), "dotted": ("dotted", "spotted")}
-SIZE_WORDS = {"small": ("small", "little", "tiny"), "medium": ("medium-sized", "mid-sized"), "large": ("large", "big")}
 SCENE_WORDS = {
     "meadow": ("a green meadow", "a grassy meadow", "a field of green grass"),
     "desert": ("a sandy desert", "a dry desert", "the desert sands"),
@@ -484,8 +389,6 @@ ACTION_WORDS = {
     "up": ("rises", "floats upward", "drifts up", "moves upward"),
     "down": ("sinks", "drifts downward", "slides down", "moves down"),
     "bounce": ("bounces", "hops up and down", "bounces playfully", "keeps bouncing"),
-    "grow": ("grows larger", "swells up", "gets bigger"),
-    "shrink": ("shrinks", "gets smaller", "shrinks down"),
     "enter": ("enters from the {edge}", "slides in from the {edge}", "comes in from the {edge} edge"),
     "leave": ("leaves the frame to the {edge}", "exits on the {edge}", "moves out of view to the {edge}"),
 }
@@ -512,28 +415,17 @@ class Phrases:
         return words
 
     def subject(self, subject: Subject, stated: tuple[str, ...], article: str) -> str:
-        """E.g. "a small red striped circle"; only the ``stated`` attributes appear."""
-        words = []
-        for name, table in (("size", SIZE_WORDS), ("colour", COLOUR_WORDS), ("pattern", PATTERN_WORDS)):
-            if name in stated:
-                words.append(self.pick(table[subject.attribute(name)]))
+        """E.g. "a red ring"; the colour appears only if ``stated``, the shape always."""
+        words = [self.pick(COLOUR_WORDS[subject.colour])] if "colour" in stated else []
         words.append(self.pick(SHAPE_WORDS[subject.shape]))
         phrase = " ".join(words)
         if article == "a":
             article = "an" if phrase[0] in "aeiou" else "a"
         return f"{article} {phrase}"
 
-    def stated_attributes(self, subject: Subject, full: bool, size_changes: bool) -> tuple[str, ...]:
-        """Which attributes a prompt names: always colour and shape, the others depending on ``full``.
-
-        Size is never named when the action changes it; a solid pattern is named less often than a visible one.
-        """
-        stated = {"colour", "shape"}
-        if not size_changes and (full or self.rng.random() < 0.5):
-            stated.add("size")
-        if self.rng.random() < (0.3 if subject.pattern == "solid" else 1.0 if full else 0.7):
-            stated.add("pattern")
-        return tuple(name for name in ATTRIBUTES if name in stated)
+    def stated_attributes(self, full: bool) -> tuple[str, ...]:
+        """Which attributes a prompt names: both when introducing (``full``), else the shape and maybe the colour."""
+        return ATTRIBUTES if full or self.rng.random() < 0.5 else ("shape",)
 
 
 def _sentence(text: str) -> str:
@@ -557,39 +449,26 @@ def random_subject(rng: np.random.Generator, avoid: tuple[Subject, ...] = ()) ->
     """A subject whose colour and shape both differ from every subject in ``avoid``."""
     colours = [c for c in COLOURS if all(c != s.colour for s in avoid)]
     shapes = [s for s in SHAPES if all(s != other.shape for other in avoid)]
-    return Subject(
-        shape=shapes[int(rng.integers(len(shapes)))],
-        colour=colours[int(rng.integers(len(colours)))],
-        pattern=PATTERNS[int(rng.integers(len(PATTERNS)))],
-        size=tuple(SIZES)[int(rng.integers(len(SIZES)))],
-    )
+    return Subject(shape=shapes[int(rng.integers(len(shapes)))], colour=colours[int(rng.integers(len(colours)))])
 
 
 def sample_clip(rng: np.random.Generator, num_latent_frames: int) -> Clip:
-    """One scene with 0-2 subjects (two subjects keep to the upper and lower half), one action each."""
+    """One scene with no subject or one subject performing one action."""
     phrases = Phrases(rng)
     num_frames = num_pixel_frames(num_latent_frames)
     scene = SCENES[int(rng.integers(len(SCENES)))]
-    count = int(rng.choice(3, p=[0.15, 0.6, 0.25]))
-    lanes = [FULL_LANE] if count == 1 else [(0.0, SIZE / 2.0), (SIZE / 2.0, float(SIZE))][:count]
-    actors: list[Actor] = []
-    clauses: list[str] = []
-    for index, lane in enumerate(lanes):
-        subject = random_subject(rng, tuple(a.subject for a in actors))
-        pose = random_pose(rng, SIZES[subject.size], lane)
-        action = phrases.pick(feasible_actions(pose, num_frames, lane))
-        motion = in_frame_motion(rng, action, pose, num_frames, lane)
-        actors.append(Actor(index, subject, motion))
-        stated = phrases.stated_attributes(subject, full=True, size_changes=action in ("grow", "shrink"))
-        clauses.append(f"{phrases.subject(subject, stated, 'a')} {phrases.action(motion)}")
     where = phrases.scene(scene)
-    if not clauses:
+    actors: tuple[Actor, ...] = ()
+    if rng.random() < 0.15:
         text = phrases.pick((f"An empty view of {where}.", f"{_sentence(where)}, calm and empty."))
-    elif phrases.rng.random() < 0.5:
-        text = f"In {where}, {' while '.join(clauses)}."
     else:
-        text = f"{_sentence(' while '.join(clauses))} in {where}."
-    shot = Shot(scene, tuple(actors))
+        subject = random_subject(rng)
+        pose = random_pose(rng)
+        motion = in_frame_motion(rng, phrases.pick(feasible_actions(pose, num_frames)), pose, num_frames)
+        actors = (Actor(0, subject, motion),)
+        clause = f"{phrases.subject(subject, ATTRIBUTES, 'a')} {phrases.action(motion)}"
+        text = f"In {where}, {clause}." if rng.random() < 0.5 else f"{_sentence(clause)} in {where}."
+    shot = Shot(scene, actors)
     return Clip(text, render(shot, num_frames), (shot,))
 
 
@@ -767,7 +646,6 @@ class _World:
     phrases: Phrases
     subjects: list[Subject] = field(default_factory=list)
     present: dict[int, Pose] = field(default_factory=dict)
-    sizes: dict[int, str] = field(default_factory=dict)
     scene: str = ""
     scenes_used: list[str] = field(default_factory=list)
     last_seen: dict[int, int] = field(default_factory=dict)  # subject id -> end latent frame of last sight
@@ -785,11 +663,7 @@ class _World:
     def new_subject(self) -> int:
         subject = random_subject(self.rng, tuple(self.subjects))
         self.subjects.append(subject)
-        self.sizes[len(self.subjects) - 1] = subject.size
         return len(self.subjects) - 1
-
-    def current(self, sid: int) -> Subject:
-        return replace(self.subjects[sid], size=self.sizes[sid])
 
 
 class NarrativeBuilder:
@@ -802,24 +676,23 @@ class NarrativeBuilder:
         self.segments: list[SegmentInfo] = []
 
     # -- helpers ------------------------------------------------------------------------------
-    def _in_frame(self, sid: int, num_frames: int, allow_size_change: bool = True) -> Motion:
+    def _in_frame(self, sid: int, num_frames: int) -> Motion:
         w = self.world
         pose = w.present[sid]
-        actions = [a for a in feasible_actions(pose, num_frames) if allow_size_change or a not in ("grow", "shrink")]
-        return in_frame_motion(w.rng, w.phrases.pick(actions), pose, num_frames)
+        return in_frame_motion(w.rng, w.phrases.pick(feasible_actions(pose, num_frames)), pose, num_frames)
 
-    def _enter(self, sid: int, num_frames: int) -> Motion:
-        return enter_motion(self.world.rng, self.world.phrases.pick(EDGES), SIZES[self.world.sizes[sid]], num_frames)
+    def _enter(self, num_frames: int) -> Motion:
+        return enter_motion(self.world.rng, self.world.phrases.pick(EDGES), num_frames)
 
     def _back_in_place(self, sid: int, num_frames: int) -> Motion:
-        """A returning subject's motion from where it was last seen, at its size then."""
+        """A returning subject's motion from where it was last seen."""
         self.world.present[sid] = self.world.last_pose[sid]
-        return self._in_frame(sid, num_frames, allow_size_change=False)
+        return self._in_frame(sid, num_frames)
 
-    def _describe(self, sid: int, full: bool, motion: Motion) -> tuple[str, tuple[str, ...]]:
+    def _describe(self, sid: int, full: bool) -> tuple[str, tuple[str, ...]]:
         w = self.world
-        stated = w.phrases.stated_attributes(w.current(sid), full, motion.action in ("grow", "shrink"))
-        return w.phrases.subject(w.current(sid), stated, "a" if full else "the"), stated
+        stated = w.phrases.stated_attributes(full)
+        return w.phrases.subject(w.subjects[sid], stated, "a" if full else "the"), stated
 
     # -- beats --------------------------------------------------------------------------------
     def beat(self, kind: str, start: int, end: int) -> None:
@@ -844,15 +717,15 @@ class NarrativeBuilder:
                 w.scene = w.new_scene()
                 stated_background = True
             sid = w.new_subject()
-            if kind != "glimpse" and w.rng.random() < 0.5 and can_enter(SIZES[w.sizes[sid]], num_frames):
-                motions[sid] = self._enter(sid, num_frames)
+            if kind != "glimpse" and w.rng.random() < 0.5 and can_enter(num_frames):
+                motions[sid] = self._enter(num_frames)
             else:
-                w.present[sid] = random_pose(w.rng, SIZES[w.sizes[sid]])
-                motions[sid] = self._in_frame(sid, num_frames, allow_size_change=False)
+                w.present[sid] = random_pose(w.rng)
+                motions[sid] = self._in_frame(sid, num_frames)
             if kind == "glimpse":
                 who, stated[sid] = p.pick(UNNAMED), ()
             else:
-                who, stated[sid] = self._describe(sid, True, motions[sid])
+                who, stated[sid] = self._describe(sid, True)
             does = p.action(motions[sid])
             if kind in ("introduce", "glimpse"):
                 if stated_background or w.rng.random() < 0.5:
@@ -872,7 +745,7 @@ class NarrativeBuilder:
             (sid,) = w.present
             motions[sid] = leave_motion(w.present[sid], num_frames) if kind == "leave" else self._in_frame(
                 sid, num_frames)
-            who, stated[sid] = self._describe(sid, False, motions[sid])
+            who, stated[sid] = self._describe(sid, False)
             does = p.action(motions[sid])
             prompt = p.pick((f"{_sentence(who)} now {does}.", f"Next, {who} {does}.", f"Then {who} {does}.",
                              f"After that, {who} {does}."))
@@ -924,7 +797,7 @@ class NarrativeBuilder:
             w.scene = w.new_scene()
             stated_background = True
             motions[sid] = self._in_frame(sid, num_frames)
-            who, stated[sid] = self._describe(sid, False, motions[sid])
+            who, stated[sid] = self._describe(sid, False)
             prompt = f"{_sentence(who)} is now in {p.scene(w.scene)}, where it {p.action(motions[sid])}."
         elif kind == "tail":
             (sid,) = w.present
@@ -949,8 +822,8 @@ class NarrativeBuilder:
         w = self.world
         if kind in ("cut", "cut_introduce", "cut_new", "revisit_return", "reappear"):
             w.present = {sid: pose for sid, pose in w.present.items() if sid in motions}
-        actors = tuple(Actor(sid, w.current(sid), m) for sid, m in motions.items())
-        expected = {sid: w.current(sid) for sid in motions}
+        actors = tuple(Actor(sid, w.subjects[sid], m) for sid, m in motions.items())
+        expected = {sid: w.subjects[sid] for sid in motions}
         memory = tuple(sid for sid in returning if sid not in stated and sid not in w.sink_subjects
                        and start - w.last_seen[sid] >= MEMORY_GAP)
         scene_gap = start - w.scene_last_seen.get(w.scene, start)
@@ -961,12 +834,10 @@ class NarrativeBuilder:
             revisiting and w.scene != previous_scene, memory_background))
         self.shots.append((Shot(w.scene, actors), pixel_frame(end) - pixel_frame(start)))
         for sid, motion in motions.items():
-            x, y, r = motion.end()
-            w.sizes[sid] = size_name(r)
             if motion.action == "leave":
                 w.present.pop(sid, None)
             else:
-                w.present[sid] = w.last_pose[sid] = Pose(x, y, r)
+                w.present[sid] = w.last_pose[sid] = Pose(*motion.end())
             w.last_seen[sid] = end
             if start == 0:
                 w.sink_subjects.add(sid)
@@ -1048,12 +919,12 @@ def sample_return_story(
     """A subject named by none of its attributes, a cut away from it, its return: three prompts (four with a
     ``gap``), which a return clip joins into one and the oracle scores as a narrative.
 
-    Nothing in the text fixes the returning subject's colour, shape, pattern or size, only its earlier
+    Nothing in the text fixes the returning subject's colour or shape, only its earlier
     frames do: they are meant to teach that a subject referred back to comes back unchanged, the
     in-context persistence a memory bank serves at inference (``python -m experiments.probe_teacher`` checks whether a
     teacher learnt it). The cut shows an empty scene, or a different subject in a new scene followed by a
     return to the first scene. The subject stays in frame (``glimpse``, ``reappear``): one chunk is too
-    short to enter at every size.
+    short to enter.
 
     ``gap`` > 0 makes the return a memory test like a narrative's: the clip opens with one empty chunk
     (the frame sink never shows the subject), the subject is seen up to the cut, the cut lasts ``gap``

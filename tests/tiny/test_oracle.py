@@ -9,7 +9,7 @@ import pytest
 
 from tiny import oracle, world
 from tiny.oracle import Oracle, aggregate
-from tiny.world import COLOURS, PATTERNS, SCENES, SHAPES, SIZES, Actor, Motion, Narrative, Shot, Subject
+from tiny.world import COLOURS, SCENES, SHAPES, Actor, Motion, Narrative, Shot, Subject
 
 LENGTHS = (30, 36, 42, 48)
 
@@ -74,8 +74,7 @@ def test_ground_truth_scores_near_perfectly(clean, narratives):
     [
         (lambda s: replace(s, colour=other(tuple(COLOURS), s.colour)), 0.7),
         (lambda s: replace(s, shape=other(SHAPES, s.shape)), 0.7),
-        (lambda s: replace(s, colour=other(tuple(COLOURS), s.colour), shape=other(SHAPES, s.shape),
-                           pattern=other(PATTERNS, s.pattern)), 0.1),
+        (lambda s: replace(s, colour=other(tuple(COLOURS), s.colour), shape=other(SHAPES, s.shape)), 0.1),
         (None, 0.0),  # the returning subject never comes back
     ],
     ids=["recoloured", "reshaped", "replaced", "missing"],
@@ -101,25 +100,20 @@ def test_swapped_returning_background_loses_background_consistency(judge, narrat
 
 
 def test_pasted_copy_is_a_duplicate(judge, narratives):
-    """A still copy of the returning subject, in the corner farthest from its path, makes one segment duplicate."""
-
-    def corrupt(n):
-        changes = {}
-        for i, segment in enumerate(n.segments):
-            if segment.returning_subjects:
-                shot = n.shots[i]
-                actor = shot.actors[0]
-                r = SIZES[actor.subject.size]
-                x, y, _ = actor.motion.trajectory(segment.pixel_end - segment.pixel_start)
-                corners = [(cx, cy) for cx in (r + 1, world.SIZE - r - 1) for cy in (r + 1, world.SIZE - r - 1)]
-                cx, cy = max(corners, key=lambda c: np.hypot(x - c[0], y - c[1]).min())
-                copy = Actor(99, actor.subject, Motion("still", cx, cy, cx, cy, r, r))
-                changes[i] = replace(shot, actors=(*shot.actors, copy))
-        return rerender(n, changes)
-
+    """The returning subject held in one corner: no duplicate; a copy of it added in the opposite corner (two
+    subjects this large only fit one frame apart diagonally): its segments duplicate."""
+    low, high = world.LOW, world.HIGH
     for narrative in narratives[:8]:
-        assert judge.score(narrative, narrative.frames)["duplicate_rate"] == 0.0
-        assert judge.score(narrative, corrupt(narrative))["duplicate_rate"] >= 1 / len(narrative.segments)
+        moved, pasted = {}, {}
+        for i, segment in enumerate(narrative.segments):
+            if segment.returning_subjects:
+                actor = narrative.shots[i].actors[0]
+                held = replace(actor, motion=Motion("still", low, low, low, low))
+                copy = Actor(99, actor.subject, Motion("still", high, high, high, high))
+                moved[i] = replace(narrative.shots[i], actors=(held,))
+                pasted[i] = replace(narrative.shots[i], actors=(held, copy))
+        assert judge.score(narrative, rerender(narrative, moved))["duplicate_rate"] == 0.0
+        assert judge.score(narrative, rerender(narrative, pasted))["duplicate_rate"] >= 1 / len(narrative.segments)
 
 
 def test_shuffled_frames_are_not_smooth(judge, narratives):
@@ -136,14 +130,13 @@ def test_noise_scores_low_everywhere(judge, narratives):
 
 
 def test_classifies_every_rendered_subject(judge):
-    """Colour, shape, pattern and size of single subjects at random positions on every scene."""
+    """Colour and shape of single subjects at random positions on every scene."""
     rng = np.random.default_rng(1)
     frames, truth = [], []
     for index in range(240):
         subject = world.random_subject(rng)
-        r = SIZES[subject.size]
-        x, y = rng.uniform(r + 1, world.SIZE - r - 1, 2)
-        shot = Shot(SCENES[index % len(SCENES)], (Actor(0, subject, Motion("still", x, y, x, y, r, r)),))
+        x, y = rng.uniform(world.LOW, world.HIGH, 2)
+        shot = Shot(SCENES[index % len(SCENES)], (Actor(0, subject, Motion("still", x, y, x, y)),))
         frames.append(world.render(shot, 1)[0])
         truth.append(subject)
     frames = np.stack(frames)
@@ -152,8 +145,7 @@ def test_classifies_every_rendered_subject(judge):
     classes = judge.calibration.classify(comps)
     order = np.argsort(comps.frame[comps.valid])
     valid = np.flatnonzero(comps.valid)[order]
-    seen = [Subject(SHAPES[classes.shape[i]], oracle.COLOUR_NAMES[comps.colour[i]], PATTERNS[classes.pattern[i]],
-                    tuple(SIZES)[classes.size[i]]) for i in valid]
+    seen = [Subject(SHAPES[classes.shape[i]], oracle.COLOUR_NAMES[comps.colour[i]]) for i in valid]
     assert np.mean([a == b for a, b in zip(seen, truth, strict=True)]) >= 0.98
 
 

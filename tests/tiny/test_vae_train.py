@@ -162,9 +162,9 @@ class _Noise:
 
 
 def test_colour_probe_reads_colour_only_from_latents_that_carry_it() -> None:
-    seeds = split_seeds("validation", 60)
+    seeds = split_seeds("validation", 150)
     kept, lost = colour_probe(_PooledPixels(), seeds), colour_probe(_Noise(), seeds)
-    assert kept.subjects == lost.subjects > 40 and kept.chance == lost.chance < 0.3
+    assert kept.subjects == lost.subjects > 100 and kept.chance == lost.chance < 0.35
     assert kept.accuracy > 0.8 and lost.accuracy < kept.accuracy - 0.5
     with pytest.raises(ValueError, match="more seeds"):
         colour_probe(_PooledPixels(), seeds[:3])
