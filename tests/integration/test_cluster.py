@@ -51,15 +51,16 @@ def _stopped_at(logdir: Path) -> int:
     return step
 
 
-def test_stage1_moves_from_one_process_to_two_nodes_stopped_by_sigterm_and_back(tmp_path):
+def test_stage1_moves_from_one_process_to_two_nodes_stopped_by_sigterm_and_back(stage1_straight, tmp_path):
     """Two launchers (NNODES=2, NPROC=1) continue a one-process checkpoint with the one-process losses; SIGTERM to
     node 0's launcher alone stops both nodes at one step with a checkpoint and exit code 75; one process resumes
-    it. Every step's losses are the uninterrupted one-process run's, bit for bit."""
-    straight = train("init", tmp_path / "straight", *QUIET, "max_iters=6")
+    it. Every step's losses are the uninterrupted one-process run's (4 steps, tests/integration/conftest.py), bit
+    for bit."""
+    straight = metrics(stage1_straight)
     run = tmp_path / "run"
     assert train("init", run, *QUIET, "max_iters=1") == straight[:1]
     port = str(_free_port())
-    nodes = [_launch("init", run, tmp_path / f"node{rank}.log", "max_iters=6", NNODES="2", NODE_RANK=str(rank),
+    nodes = [_launch("init", run, tmp_path / f"node{rank}.log", "max_iters=4", NNODES="2", NODE_RANK=str(rank),
                      NPROC="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for rank in (0, 1)]  # fmt: skip
     try:
         _wait_for_step(run, 2, nodes)
@@ -72,19 +73,19 @@ def test_stage1_moves_from_one_process_to_two_nodes_stopped_by_sigterm_and_back(
     logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
     assert codes == [PREEMPTED, PREEMPTED], logs[0][-3000:] + logs[1][-3000:]
     step = _stopped_at(run)
-    assert 2 <= step < 6
+    assert 2 <= step < 4
     assert f"stopped by SIGTERM at step {step}: {run / f'checkpoint_{step:06d}'}" in logs[0]
     assert sorted(p.name for p in (run / f"checkpoint_{step:06d}").iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # fmt: skip
     assert metrics(run) == straight[:step]  # the two nodes' steps are the one process's
-    assert train("init", run, *QUIET, "max_iters=6") == straight
+    assert train("init", run, *QUIET, "max_iters=4") == straight
 
 
-def test_stage2_rollouts_move_from_one_rank_to_two_stopped_by_sigusr1_and_back(tmp_path):
+def test_stage2_rollouts_move_from_one_rank_to_two_stopped_by_sigusr1_and_back(stage2_straight, tmp_path):
     """Stage 2's rollouts (KV caches included) are saved by global micro-batch: 1 rank x 2 accumulation steps hands
     them to 2 ranks x 1 and back; SIGUSR1 (SLURM's early warning) to torchrun's agent stops the ranks with a
     checkpoint. The losses are the uninterrupted run's, bit for bit."""
-    straight = train("long", tmp_path / "straight", *QUIET, "max_iters=6")
+    straight = metrics(stage2_straight)  # 6 steps
     run = tmp_path / "run"
     train("long", run, *QUIET, "max_iters=2")
     agent = _launch("long", run, tmp_path / "two.log", "max_iters=6", NPROC="2")
@@ -101,7 +102,7 @@ def test_stage2_rollouts_move_from_one_rank_to_two_stopped_by_sigusr1_and_back(t
     assert {"__0_0.distcp", "__1_0.distcp", "source_0000.pt", "source_0001.pt"} <= {p.name for p in folder.iterdir()}
     assert train("long", run, *QUIET, "max_iters=6") == straight
     assert read_checkpoint(run / "checkpoint_000006")["generator"]["model"].keys() == read_checkpoint(
-        tmp_path / "straight" / "checkpoint_000006")["generator"]["model"].keys()  # fmt: skip
+        stage2_straight / "checkpoint_000006")["generator"]["model"].keys()  # fmt: skip
 
 
 def _bash(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from memflow.dit import build_dit
 from memflow.weights import load_dit
+from pipeline.cli import inference as inference_cli
 from pipeline.streaming import StreamingGenerator
 from trainer.cli import train as train_cli
 from trainer.distill import DistillTrainer, run_loop
@@ -66,12 +67,12 @@ def _assert_finite(rows: list[dict]) -> None:
     assert rows and all(torch.isfinite(torch.tensor(v)) for row in rows for v in row.values())
 
 
-def test_ode_init_trains_the_generator_and_exports_base_pt(tmp_path):
-    rows = train("ode_init", tmp_path)
+def test_ode_init_trains_the_generator_and_exports_base_pt(ode_init_run):
+    rows = metrics(ode_init_run)
     _assert_finite(rows)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("ode_loss" in r for r in rows)
-    assert len(list((tmp_path / "ode_pairs").glob("ode_pairs_*.safetensors"))) == 4
-    trained = load_dit(tmp_path / "base.pt", "tiny", text_dim=384, text_len=64)
+    assert len(list((ode_init_run / "ode_pairs").glob("ode_pairs_*.safetensors"))) == 4
+    trained = load_dit(ode_init_run / "base.pt", "tiny", text_dim=384, text_len=64)
     before = _random_tiny().state_dict()
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, before[k])]
     assert "blocks.0.self_attn.q.weight" in changed
@@ -109,13 +110,13 @@ def read_checkpoint(folder: Path) -> dict:
     return state
 
 
-def test_stage1_trains_and_resumes_exactly_after_a_kill_mid_save(tmp_path):
-    straight = train("init", tmp_path / "straight", "save_interval=1")
+def test_stage1_trains_and_resumes_exactly_after_a_kill_mid_save(stage1_straight, tmp_path):
+    straight = metrics(stage1_straight)  # train("init", ..., "save_interval=1"), shared with test_cluster
     _assert_finite(straight)
     assert [r["step"] for r in straight] == [1, 2, 3, 4]
     assert [("generator_loss" in r) for r in straight] == [True, False, True, False]  # dfake_gen_update_ratio 2
-    assert (tmp_path / "straight" / "samples" / "step_000004" / "sample.mp4").stat().st_size > 0
-    trained = load_dit(tmp_path / "straight" / "base.pt", "tiny", text_dim=384, text_len=64)
+    assert (stage1_straight / "samples" / "step_000004" / "sample.mp4").stat().st_size > 0
+    trained = load_dit(stage1_straight / "base.pt", "tiny", text_dim=384, text_len=64)
     before = _random_tiny().state_dict()
     assert not torch.equal(trained.state_dict()["blocks.1.ffn.0.weight"], before["blocks.1.ffn.0.weight"])
 
@@ -135,7 +136,7 @@ def test_stage1_trains_and_resumes_exactly_after_a_kill_mid_save(tmp_path):
     resumed = train("init", run, "save_interval=1", "vis_interval=0")
     assert resumed == straight  # identical losses for every step, the resumed steps 3 and 4 included
     final = read_checkpoint(run / "checkpoint_000004")
-    reference = read_checkpoint(tmp_path / "straight" / "checkpoint_000004")
+    reference = read_checkpoint(stage1_straight / "checkpoint_000004")
     for entry in ("generator", "critic"):
         for part in ("model", "optim"):
             assert _tensors(final[entry][part]) == _tensors(reference[entry][part])
@@ -196,13 +197,13 @@ def test_stage2_lora_only_switches_with_recache_and_restarts(tmp_path, monkeypat
     assert all(k.startswith("base_model.model.blocks.") for k in saved["generator_lora"])
 
 
-def test_stage2_resume_is_exact_and_lora_changes_inference(tmp_path):
-    straight = train("long", tmp_path / "straight", "vis_interval=0", "max_iters=6", "save_interval=3")
+def test_stage2_resume_is_exact_and_lora_changes_inference(stage2_straight, tmp_path):
+    straight = metrics(stage2_straight)  # train("long", ..., "vis_interval=0", "max_iters=6", "save_interval=3")
     _assert_finite(straight)
     first = train("long", tmp_path / "split", "vis_interval=0", "max_iters=3", "save_interval=3")
     resumed = train("long", tmp_path / "split", "vis_interval=0", "max_iters=6", "save_interval=3", "--resume")
     assert first == resumed[:3] and resumed == straight
-    a = load_checkpoint(tmp_path / "straight" / "lora.pt")["generator_lora"]
+    a = load_checkpoint(stage2_straight / "lora.pt")["generator_lora"]
     b = load_checkpoint(tmp_path / "split" / "lora.pt")["generator_lora"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -210,16 +211,15 @@ def test_stage2_resume_is_exact_and_lora_changes_inference(tmp_path):
     prompt.write_text("A golden retriever runs along a windy beach at sunset.\n")
 
     def infer(folder: str, *extra: str) -> torch.Tensor:
+        """inference.sh's command line in this process (the scripts themselves: tests/integration/test_inference)."""
         out = tmp_path / folder
-        command = ["bash", str(ROOT / "inference.sh"), "--config_path", str(TINY / "inference.yaml"), "height=64",
-                   "width=64", "num_output_frames=6", "save_latents=true", "save_trace=false",
-                   f"data_path={prompt}", f"output_folder={out}", *extra]
-        result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
+        assert inference_cli(["--config_path", str(TINY / "inference.yaml"), "height=64", "width=64",
+                              "num_output_frames=6", "save_latents=true", "save_trace=false", f"data_path={prompt}",
+                              f"output_folder={out}", *extra]) == 0  # fmt: skip
         (latents,) = out.glob("*.latents.safetensors")
         return load_file(latents)["latents"]
 
-    lora_ckpt = tmp_path / "straight" / "lora.pt"
+    lora_ckpt = stage2_straight / "lora.pt"
     plain = infer("plain")
     tuned = infer("tuned", f"lora_ckpt={lora_ckpt}", "adapter.rank=4", "adapter.alpha=4")
     assert plain.shape == tuned.shape and (plain - tuned).abs().max() > 1e-4
@@ -326,8 +326,8 @@ def _to_single_file(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
-def test_checkpoints_of_the_earlier_single_file_layout_still_resume_exactly(tmp_path):
-    straight = train("long", tmp_path / "straight", "vis_interval=0", "max_iters=3", "save_interval=1")
+def test_checkpoints_of_the_earlier_single_file_layout_still_resume_exactly(stage2_straight, tmp_path):
+    straight = metrics(stage2_straight)[:3]  # the uninterrupted run's first 3 steps
     run = tmp_path / "old"
     train("long", run, "vis_interval=0", "max_iters=1", "save_interval=1")
     _to_single_file(run / "checkpoint_000001")
@@ -337,13 +337,12 @@ def test_checkpoints_of_the_earlier_single_file_layout_still_resume_exactly(tmp_
         "checkpoint_000003"]  # rotation removed the old file and its per-rank companion
 
 
-def test_package_merges_the_lora_into_the_layout_stage2_trained_and_needs_its_checkpoint(tmp_path):
+def test_package_merges_the_lora_into_the_layout_stage2_trained_and_needs_its_checkpoint(ode_init_run, tmp_path):
     """``train_toy.py package`` reads the model and adapter from stage 2's own checkpoint, not from the toy configs
     (whose layout, 128 wide, differs from the tiny configs' here), and refuses a stage-2 folder without one."""
     from memflow.weights import apply_lora
 
-    train("ode_init", tmp_path / "ode")
-    base = tmp_path / "ode" / "base.pt"
+    base = ode_init_run / "base.pt"
     train("long", tmp_path / "long", "vis_interval=0", "max_iters=2", "save_interval=2", f"generator_ckpt={base}")
     release = tmp_path / "release"
     for part in ("vae/config.json", "vae/diffusion_pytorch_model.safetensors",
@@ -353,7 +352,7 @@ def test_package_merges_the_lora_into_the_layout_stage2_trained_and_needs_its_ch
 
     def package(stage2: Path, out: Path) -> subprocess.CompletedProcess:
         command = [str(PYTHON), str(ROOT / "scripts" / "train_toy.py"), "package", "--release", str(release),
-                   "--stage1", str(tmp_path / "ode"), "--stage2", str(stage2), "--out", str(out), "--command", "test"]
+                   "--stage1", str(ode_init_run), "--stage2", str(stage2), "--out", str(out), "--command", "test"]
         return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
 
     proc = package(tmp_path / "long", tmp_path / "pkg")
