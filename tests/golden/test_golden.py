@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.cli import check_golden
 from pipeline.golden import (
     run_dit_forward,
     run_flow_scheduler,
@@ -101,7 +102,7 @@ def test_check_golden_fails_on_unknown_case(tmp_path):
     assert "FAIL made_up_case" in result.stdout
 
 
-def test_check_golden_missing_folder(tmp_path):
-    result = _script(str(tmp_path / "nowhere"))
-    assert result.returncode == 2
-    assert "cases.json not found" in result.stderr
+def test_check_golden_missing_folder(tmp_path, capsys):
+    """In this process (the script itself runs above): exit code 2 and the reason, before any case runs."""
+    assert check_golden([str(tmp_path / "nowhere")]) == 2
+    assert "cases.json not found" in capsys.readouterr().err

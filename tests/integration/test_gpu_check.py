@@ -6,6 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from trainer.gpu_check import main
+from utils.config import run_cli
+
 from ..conftest import GOLDEN, ROOT
 
 
@@ -32,10 +38,11 @@ def test_smoke_check_runs_every_step_and_writes_one_json(tmp_path):
     assert set(steps["low_memory"]["result"]) == {"low_memory_false", "low_memory_true"}
 
 
-def test_the_full_check_needs_a_gpu(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(tmp_path / "x")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: no CUDA device is available")
+def test_the_full_check_needs_a_gpu(tmp_path, monkeypatch, capsys):
+    """The script's command line in this process (it runs as a script above), on a machine without CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what CUDA_VISIBLE_DEVICES="" gives
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: no CUDA device is available")
     assert not (tmp_path / "x").exists()
