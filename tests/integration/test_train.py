@@ -22,7 +22,7 @@ from trainer.networks import build_networks, build_text_encoder
 from trainer.plan import plan_training
 from trainer.rollout import StreamingRollout
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import load_config
+from utils.config import load_config, run_cli
 from utils.errors import ConfigError, MemFlowError, WeightsError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,12 +265,13 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     assert file.read_text() == "not a folder"
 
 
-def test_cli_errors_are_one_line_with_exit_2_and_other_runs_are_protected(tmp_path):
-    command = [str(PYTHON), str(ROOT / "scripts" / "train.py"), "--config_path", str(TINY / "train_init.yaml"),
-               "--logdir", str(tmp_path / "run"), "num_training_frames=10"]
-    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+def test_cli_errors_are_one_line_with_exit_2_and_other_runs_are_protected(tmp_path, capsys):
+    """scripts/train.py's command line in this process (the script itself runs in the kill and cluster tests)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_cli, ["--config_path", str(TINY / "train_init.yaml"), "--logdir", str(tmp_path / "run"),
+                            "num_training_frames=10"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: num_training_frames=10 must be a multiple of 3 (whole 3-frame chunks (num_frame_per_block)); "
         "use e.g. 9 or 12"
     ]
@@ -337,7 +338,8 @@ def test_checkpoints_of_the_earlier_single_file_layout_still_resume_exactly(stag
         "checkpoint_000003"]  # rotation removed the old file and its per-rank companion
 
 
-def test_package_merges_the_lora_into_the_layout_stage2_trained_and_needs_its_checkpoint(ode_init_run, tmp_path):
+def test_package_merges_the_lora_into_the_layout_stage2_trained_and_needs_its_checkpoint(ode_init_run, tmp_path,
+                                                                                          capsys):
     """``train_toy.py package`` reads the model and adapter from stage 2's own checkpoint, not from the toy configs
     (whose layout, 128 wide, differs from the tiny configs' here), and refuses a stage-2 folder without one."""
     from memflow.weights import apply_lora
@@ -368,6 +370,12 @@ def test_package_merges_the_lora_into_the_layout_stage2_trained_and_needs_its_ch
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "lora.pt").write_bytes((tmp_path / "long" / "lora.pt").read_bytes())
-    proc = package(bare, tmp_path / "pkg2")
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "holds no checkpoint" in proc.stderr
+    from tiny.train import main as train_toy  # the refusal through the same command line, in this process
+
+    capsys.readouterr()  # what stage 2 printed above
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_toy, ["package", "--release", str(release), "--stage1", str(ode_init_run), "--stage2", str(bare),
+                            "--out", str(tmp_path / "pkg2"), "--command", "test"])  # fmt: skip
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and stderr.strip().count("\n") == 0 and "holds no checkpoint" in stderr
     assert not (tmp_path / "pkg2").exists()
