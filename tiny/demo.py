@@ -24,10 +24,10 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from memflow.config import MEMORY_MODES
 from pipeline.outputs import reserve_stem
 from pipeline.plan import plan_run
 from pipeline.runner import VideoRunner, build_components
+from tiny.evaluate import parse_modes
 from tiny.oracle import Oracle
 from tiny.world import Narrative, from_model_pixels, narrative_from_seed, split_of, split_seeds
 from utils.atomic import atomic_path
@@ -57,15 +57,6 @@ def narrative_overrides(seed: int, frames: int, folder: Path) -> tuple[list[str]
     switches = ",".join(str(s.start) for s in narrative.segments[1:])
     return [f"data_path={prompts}", f"num_output_frames={frames}", f"switch_frame_indices=[{switches}]",
             "save_latents=true", "save_trace=true"], narrative  # fmt: skip
-
-
-def parse_modes(text: str) -> list[str]:
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MEMORY_MODES]
-    if not modes or unknown or len(set(modes)) != len(modes):
-        raise ConfigError(f"--modes {text}: give distinct memory modes out of {', '.join(MEMORY_MODES)}, "
-                          "comma-separated, e.g. --modes none,nam")  # fmt: skip
-    return modes
 
 
 def run_mode(config_path: str, overrides: list[str], mode: str, folder: Path) -> tuple[dict, np.ndarray, float]:

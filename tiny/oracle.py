@@ -60,6 +60,14 @@ COLOUR_NAMES = tuple(COLOURS)
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 
 
+def neighbourhood(reduce: np.ufunc, frames: np.ndarray, fill: object) -> np.ndarray:
+    """``reduce`` over each pixel's 3x3 neighbourhood in every frame of ``frames [T, H, W]``, ``fill`` off the edge."""
+    h, w = frames.shape[1:]
+    padded = np.pad(frames, ((0, 0), (1, 1), (1, 1)), constant_values=fill)
+    return functools.reduce(reduce, (padded[:, 1 + dy : h + 1 + dy, 1 + dx : w + 1 + dx]
+                                     for dy in (-1, 0, 1) for dx in (-1, 0, 1)))  # fmt: skip
+
+
 def background_rows(frames: np.ndarray, bounds: list[tuple[int, int]]) -> np.ndarray:
     """Per-frame background row profiles ``float32 [T, H, 3]``, pooled over frames of the same segment only.
 
@@ -69,9 +77,7 @@ def background_rows(frames: np.ndarray, bounds: list[tuple[int, int]]) -> np.nda
     """
     pixels = frames.astype(np.float32)
     near = (((pixels[..., None, :] - _PALETTE) ** 2).sum(-1) < PALETTE_DISTANCE**2).any(-1)
-    padded = np.pad(near, ((0, 0), (1, 1), (1, 1)))
-    near = functools.reduce(np.logical_or, (padded[:, 1 + dy : near.shape[1] + 1 + dy, 1 + dx : near.shape[2] + 1 + dx]
-                                            for dy in (-1, 0, 1) for dx in (-1, 0, 1)))
+    near = neighbourhood(np.logical_or, near, False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         profiles = np.nanmedian(np.where(near[..., None], np.nan, pixels), axis=2)
@@ -121,10 +127,7 @@ def label_components(mask: np.ndarray) -> np.ndarray:
     inside = np.flatnonzero(flat_mask)
     labels = np.where(flat_mask, np.arange(none), none)
     while True:
-        padded = np.pad(labels.reshape(t, h, w), ((0, 0), (1, 1), (1, 1)), constant_values=none)
-        smallest = functools.reduce(
-            np.minimum, (padded[:, 1 + dy : h + 1 + dy, 1 + dx : w + 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-        ).ravel()
+        smallest = neighbourhood(np.minimum, labels.reshape(t, h, w), none).ravel()
         updated = labels.copy()
         np.minimum.at(updated, labels[inside], smallest[inside])
         while True:

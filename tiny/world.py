@@ -192,8 +192,9 @@ def _box(px: np.ndarray, py: np.ndarray, bx: np.ndarray, by: np.ndarray) -> np.n
     return outside + np.minimum(np.maximum(dx, dy), 0.0)
 
 
-def shape_distance(shape: str, px: np.ndarray, py: np.ndarray, r: float | np.ndarray = HALF_EXTENT) -> np.ndarray:
-    """Signed distance (pixels, negative inside) to a shape whose bounding box is at most 2r across."""
+def shape_distance(shape: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """Signed distance (pixels, negative inside) to a shape at most ``2 HALF_EXTENT`` across, centred on (0, 0)."""
+    r = HALF_EXTENT
     if shape == "circle":
         return np.hypot(px, py) - r
     if shape == "bar":
@@ -272,8 +273,8 @@ class Pose:
     y: float
 
 
-R = HALF_EXTENT
-LOW, HIGH = R + 1.0, SIZE - R - 1.0  # centre range that keeps a subject, plus a pixel of margin, in frame
+# the centre range that keeps a subject, plus a pixel of margin, inside the frame
+LOW, HIGH = HALF_EXTENT + 1.0, SIZE - HALF_EXTENT - 1.0
 
 
 def _steps(num_frames: int) -> int:
@@ -321,14 +322,13 @@ def in_frame_motion(rng: np.random.Generator, action: str, pose: Pose, num_frame
 
 def _outside(edge: str, x: float, y: float) -> tuple[float, float]:
     """The point just outside ``edge`` level with (x, y)."""
-    return {"left": (-R - 1.0, y), "right": (SIZE + R + 1.0, y), "top": (x, -R - 1.0), "bottom": (x, SIZE + R + 1.0)}[
-        edge
-    ]
+    beyond = HALF_EXTENT + 1.0
+    return {"left": (-beyond, y), "right": (SIZE + beyond, y), "top": (x, -beyond), "bottom": (x, SIZE + beyond)}[edge]
 
 
 def _enter_depth(num_frames: int) -> float:
     """How far past the edge an entering subject's centre may settle (the eased travel peaks at 1.5 x mean)."""
-    return 0.8 * _reach(num_frames) - R - 1.0
+    return 0.8 * _reach(num_frames) - HALF_EXTENT - 1.0
 
 
 def can_enter(num_frames: int) -> bool:
