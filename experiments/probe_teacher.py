@@ -2,7 +2,8 @@
 the teacher's score, so if the teacher does not, no training of ours can reward the generator for reading
 its memory.
 
-usage: python -m experiments.probe_teacher [--clips 48] [--frames 21] [--gap 9] [--split validation|test] [--json]
+usage: python -m experiments.probe_teacher [--stories returns|named] [--clips 48] [--frames 21] [--gap 9]
+                                           [--split validation|test] [--json]
                                            [--reliance_only] [--threads 1] [--sheet PNG]
                                            [--steps 16] [--guidance 3.0] [--negative_prompt ""]
                                            [--forced_past | --own_past [--memory full] [--prompts joined|switched]
@@ -34,6 +35,10 @@ the teacher ignores the sighting. Removing the sighting also removes where the s
 in place reveals by itself; the ``_recoloured`` rows keep place and shape and change only the
 colour of the sighting (:func:`recoloured_sighting`), so they measure whether the teacher takes the
 subject's look from it.
+
+``--stories named`` asks the first question alone (MemFlow-Tiny's teacher gate): does the teacher draw the subject a
+prompt names? Its samples of named-subject clips (one subject, colour and shape stated, 9 latent frames as the
+teacher trains on) against their VAE round trip, by adherence and duplicate rate (:func:`probe_named`).
 
 ``--forced_past`` asks a causal generator (``generator_ckpt``, a distilled one) instead, sampled with its
 few-step list: its return sampled after the TRUE past, with the sighting as it was, removed or recoloured
@@ -71,6 +76,7 @@ from tiny.world import (
     from_model_pixels,
     joined_prompt,
     min_return_clip_latent_frames,
+    named_clip_from_seed,
     pixel_frame,
     return_story_from_seed,
     split_seeds,
@@ -167,6 +173,14 @@ def per_clip(oracle: Oracle, stories: list[Narrative], videos: list[np.ndarray])
     scores = [clip_scores(s, r) for s, r in zip(stories, results, strict=True)]
     add_chance(scores, [r["identity_pairs"] for r in results])
     return scores
+
+
+def named_scores(result: dict) -> dict[str, float]:
+    """From the oracle's ``result`` for a named-subject clip: whether its subject is drawn at all, how well the clip
+    draws the stated colour and shape (adherence) and its duplicate-subject rate."""
+    metrics = result["metrics"]
+    return {"presence": float(result["segments"][0]["subjects"]["0"]["presence"] >= PRESENT),
+            "adherence": metrics["adherence"], "duplicate_rate": metrics["duplicate_rate"]}  # fmt: skip
 
 
 def mean_row(scores: list[dict[str, float]]) -> dict[str, float]:
@@ -443,6 +457,30 @@ def story_sheet(stories: list[Narrative], videos: dict[str, list[np.ndarray]], c
     return np.concatenate(rows, 0)
 
 
+def probe_named(cfg_path: str, overrides: list[str], clips: int, frames: int, split: str, sampler: dict,
+                sheet: str | None = None) -> dict:  # fmt: skip
+    """Does the teacher draw what a prompt names? Its samples of ``clips`` named-subject clips
+    (``tiny.world.named_clip_from_seed``: one subject, its colour and shape stated, as the teacher trains on)
+    against their VAE round trip, the ceiling."""
+    stories = [named_clip_from_seed(seed, frames) for seed in split_seeds(split, clips)]
+    with tempfile.TemporaryDirectory() as scratch:
+        plan = plan_run(load_config(cfg_path, [*overrides, f"output_folder={scratch}", "save_trace=false"]))
+    text, vae = _text_encoder(plan), _vae(plan)
+    teacher = load_teacher(plan.config).eval().requires_grad_(False)
+    videos = sample_clips(teacher, text, vae, stories, (plan.latent_height, plan.latent_width), sampler,
+                          int(plan.config.seed))  # fmt: skip
+    oracle = Oracle()
+    truth = [roundtrip_frames(vae, s.frames) for s in stories]
+    rows = {name: mean_row([named_scores(oracle.evaluate(s, v)) for s, v in zip(stories, vids, strict=True)])
+            for name, vids in (("teacher", videos), ("vae_roundtrip", truth))}  # fmt: skip
+    if sheet:
+        Image.fromarray(story_sheet(stories, {"teacher": videos}, plan.stream.num_frame_per_block)).save(sheet)
+    ceiling = rows["vae_roundtrip"]["adherence"]
+    return {"clips": clips, "split": split, "latent_frames": frames, "stories": "named", "config": str(cfg_path),
+            "overrides": overrides, "sampler": sampler, "rows": rows,
+            "adherence_vs_roundtrip": rows["teacher"]["adherence"] / ceiling if ceiling else None}  # fmt: skip
+
+
 def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int, split: str, sampler: dict,
           reliance_only: bool = False, forced: dict | None = None, sheet: str | None = None) -> dict:  # fmt: skip
     """The teacher's rows and ``sighting_reliance``, or with ``forced`` (memory, prompts, reference and ``own``)
@@ -498,8 +536,12 @@ def main(argv: list[str]) -> int:
     defaults = load_config(SAMPLER_CONFIG)
     parser = ScriptParser(prog="probe_teacher.py")
     parser.add_argument("--clips", type=int, default=48)
-    parser.add_argument("--frames", type=int, default=21, help="latent frames per clip (the teacher's clip length)")
-    parser.add_argument("--gap", type=int, default=9, help="latent frames the subject is away (0: no opening chunk)")
+    parser.add_argument("--stories", choices=("returns", "named"), default="returns",
+                        help="return stories, or named-subject clips (does the teacher draw what a prompt names?)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="latent frames per clip (default 21 for returns, 9 - the teacher's clip - for named)")
+    parser.add_argument("--gap", type=int, default=None,
+                        help="returns: latent frames the subject is away (default 9; 0: no opening chunk)")
     parser.add_argument("--split", choices=("test", "validation"), default="validation")
     parser.add_argument("--steps", type=int, default=int(defaults.ode_steps))
     parser.add_argument("--guidance", type=float, default=None,
@@ -525,6 +567,14 @@ def main(argv: list[str]) -> int:
                         help="--forced_past, --own_past: return clips the colour probe is referenced on "
                              "(default 2 x --clips)")
     args, rest = parser.parse_known_args(argv)
+    named = args.stories == "named"
+    if named:
+        extra = [flag for flag, on in (("--gap", args.gap is not None), ("--reliance_only", args.reliance_only),
+                                       ("--forced_past", args.forced_past), ("--own_past", args.own_past)) if on]
+        if extra:
+            raise ConfigError(f"--stories named with {' '.join(extra)}: those probe return stories; drop them")
+    args.frames = (9 if named else 21) if args.frames is None else args.frames
+    args.gap = 9 if args.gap is None else args.gap
     if args.clips < 2:
         raise ConfigError(f"--clips {args.clips}: give at least 2 (the chance row splices one clip into another)")
     if args.steps < 1:
@@ -563,10 +613,21 @@ def main(argv: list[str]) -> int:
     teacher_guidance = float(defaults.guidance_scale) if args.guidance is None else args.guidance
     sampler = {"steps": args.steps, "guidance": teacher_guidance, "negative_prompt": args.negative_prompt,
                "shift": float(defaults.timestep_shift)}  # fmt: skip
-    result = probe(config_path, overrides, args.clips, args.frames, args.gap, args.split, sampler, args.reliance_only,
-                   forced, args.sheet)  # fmt: skip
+    if named:
+        result = probe_named(config_path, overrides, args.clips, args.frames, args.split, sampler, args.sheet)
+    else:
+        result = probe(config_path, overrides, args.clips, args.frames, args.gap, args.split, sampler,
+                       args.reliance_only, forced, args.sheet)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
+        return 0
+    if named:
+        print(f"{args.clips} {args.split} named-subject clips of {args.frames} latent frames\n")
+        print_table(["row", "subject drawn", "adherence", "duplicates"],
+                    [[name, f"{row['presence']:.2f}", f"{row['adherence']:.3f}", f"{row['duplicate_rate']:.3f}"]
+                     for name, row in result["rows"].items()])  # fmt: skip
+        ratio = result["adherence_vs_roundtrip"]
+        print(f"\nteacher adherence / round trip's: {'-' if ratio is None else f'{ratio:.2f}'}")
         return 0
     print(f"{args.clips} {args.split} return clips of {args.frames} latent frames, gap {args.gap}\n")
     if forced:

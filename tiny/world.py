@@ -952,6 +952,15 @@ def sample_return_story(
     return builder.build(f"return_clip_{away}", num_latent_frames)
 
 
+def sample_named_clip(rng: np.random.Generator, num_latent_frames: int, chunk_frames: int = CHUNK_FRAMES) -> Narrative:
+    """One prompt that names a subject's colour and shape in a scene: a subject clip as the teacher trains on
+    (:func:`sample_clip`), as a one-segment narrative so the oracle scores its adherence and duplicates."""
+    _check_length(num_latent_frames, chunk_frames)
+    builder = NarrativeBuilder(rng, chunk_frames)
+    builder.beat("introduce", 0, num_latent_frames)
+    return builder.build("named_clip", num_latent_frames)
+
+
 def narrative_from_seed(seed: int, num_latent_frames: int, chunk_frames: int = CHUNK_FRAMES) -> Narrative:
     """The narrative of a seed (its split follows from :func:`split_of`)."""
     return sample_narrative(np.random.default_rng([seed, 1]), num_latent_frames, chunk_frames, seed)
@@ -970,6 +979,11 @@ def return_clip_from_seed(seed: int, num_latent_frames: int, gap: int = 0) -> Cl
 def return_story_from_seed(seed: int, num_latent_frames: int, gap: int = 0) -> Narrative:
     """The story behind :func:`return_clip_from_seed` of the same seed, as a narrative for the oracle."""
     return sample_return_story(np.random.default_rng([seed, 4]), num_latent_frames, gap=gap)
+
+
+def named_clip_from_seed(seed: int, num_latent_frames: int) -> Narrative:
+    """The named-subject clip of a seed (:func:`sample_named_clip`)."""
+    return sample_named_clip(np.random.default_rng([seed, 6]), num_latent_frames)
 
 
 def training_clip(seed: int, num_latent_frames: int, return_fraction: float = 0.0, return_gap: int = 0) -> Clip:

@@ -14,6 +14,7 @@ import experiments.probe_teacher as probe
 from tiny.oracle import Oracle
 from tiny.world import (
     COLOURS,
+    named_clip_from_seed,
     pixel_frame,
     return_story_from_seed,
     split_seeds,
@@ -94,6 +95,24 @@ def test_teacher_probe_prints_json_rows(tmp_path: Path) -> None:
     assert np.asarray(Image.open(sheet)).shape == (2 * 2 * 64, 3 * 64, 3)
 
 
+def test_named_clips_state_colour_and_shape_and_their_truth_scores_perfectly() -> None:
+    oracle = Oracle()
+    stories = [named_clip_from_seed(seed, 9) for seed in split_seeds("validation", 6)]
+    assert all(len(s.segments) == 1 and s.segments[0].stated == {0: ("colour", "shape")} for s in stories)
+    truth = probe.mean_row([probe.named_scores(oracle.evaluate(s, s.frames)) for s in stories])
+    assert truth == {"presence": 1.0, "adherence": 1.0, "duplicate_rate": 0.0}
+    blank = [np.broadcast_to(s.frames[:, :1, :1], s.frames.shape) for s in stories]  # every pixel the corner's
+    assert probe.mean_row([probe.named_scores(oracle.evaluate(s, v)) for s, v in zip(stories, blank, strict=True)]
+                          )["presence"] == 0.0  # fmt: skip
+
+
+def test_named_probe_prints_teacher_and_roundtrip_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    assert probe.main(["--stories", "named", "--clips", "2", "--steps", "2", "--json", *RANDOM_WEIGHTS]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["rows"]) == {"teacher", "vae_roundtrip"} and result["latent_frames"] == 9
+    assert all(0.0 <= v <= 1.0 for row in result["rows"].values() for v in row.values())
+
+
 def test_teacher_probe_reliance_only_skips_the_sampled_rows() -> None:
     proc = run_script("-m", "experiments.probe_teacher", "--clips", "2", "--reliance_only", "--json", *RANDOM_WEIGHTS)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -160,7 +179,8 @@ def test_own_past_probe_compares_the_memory_with_none(tmp_path: Path) -> None:
                                          (["--own_past", "--forced_past"], "--own_past"),
                                          (["--forced_past", "--guidance", "2"], "--guidance"),
                                          (["--forced_past", "--sheet", "x.png"], "--sheet"),
-                                         (["--sheet", "README.md"], "--sheet")])  # fmt: skip
+                                         (["--sheet", "README.md"], "--sheet"),
+                                         (["--stories", "named", "--gap", "9"], "--gap")])  # fmt: skip
 def test_teacher_probe_rejects_bad_arguments_in_one_line(args: list[str], field: str) -> None:
     proc = run_script("-m", "experiments.probe_teacher", *args, *RANDOM_WEIGHTS)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and field in proc.stderr
