@@ -19,7 +19,7 @@ from tiny.world import (
     split_seeds,
 )
 
-from ..conftest import run_script
+from ..conftest import refusal, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "toy" / "interactive_inference.yaml"
@@ -44,7 +44,7 @@ def test_eval_prints_json_per_mode(tmp_path: Path) -> None:
     assert result["modes"]["ground_truth"]["adherence"] > 0.9
 
 
-def test_eval_scores_return_stories_from_their_joined_prompt() -> None:
+def test_eval_scores_return_stories_from_their_joined_prompt(capsys: pytest.CaptureFixture[str]) -> None:
     proc = run_script("scripts/eval_toy.py", "--stories", "returns", "--narratives", "2", "--modes", "none,nam",
                       "--json", "--split", "validation", *RANDOM_WEIGHTS)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -63,10 +63,9 @@ def test_eval_scores_return_stories_from_their_joined_prompt() -> None:
     assert eval_toy.prompt_schedule(story, "switched") == {s.start: s.prompt for s in story.segments}
     narrative = narrative_from_seed(split_seeds("test", 1)[0], 36)
     assert eval_toy.prompt_schedule(narrative, "switched") == {s.start: s.prompt for s in narrative.segments}
-    bad = run_script("scripts/eval_toy.py", "--stories", "returns", "--frames", "12", *RANDOM_WEIGHTS)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--frames 12 --gap 9" in bad.stderr
-    stray = run_script("scripts/eval_toy.py", "--gap", "12", *RANDOM_WEIGHTS)  # narratives set their own cuts
-    assert stray.returncode == 2 and stray.stderr.strip().count("\n") == 0 and "--gap 12" in stray.stderr
+    bad = refusal(eval_toy.main, ["--stories", "returns", "--frames", "12", *RANDOM_WEIGHTS], capsys)
+    assert "--frames 12 --gap 9" in bad
+    assert "--gap 12" in refusal(eval_toy.main, ["--gap", "12", *RANDOM_WEIGHTS], capsys)  # narratives set their cuts
 
 
 def test_eval_table_gives_every_row_a_cell_per_column() -> None:
@@ -105,8 +104,6 @@ def test_paired_identity_difference_counts_wins_and_skips_untested_narratives() 
     assert result["se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
 
 
-def test_eval_rejects_unknown_mode() -> None:
-    proc = run_script("scripts/eval_toy.py", "--modes", "none,bogus", *RANDOM_WEIGHTS)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --modes")
-    proc = run_script("scripts/eval_toy.py", "--split", "train", *RANDOM_WEIGHTS)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--split" in proc.stderr
+def test_eval_rejects_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    assert refusal(eval_toy.main, ["--modes", "none,bogus", *RANDOM_WEIGHTS], capsys).startswith("error: --modes")
+    assert "--split" in refusal(eval_toy.main, ["--split", "train", *RANDOM_WEIGHTS], capsys)
