@@ -113,14 +113,15 @@ def test_fsdp_matches_unsharded_model_on_two_gloo_ranks(tmp_path):
     environ = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         environ.pop(name, None)
-    result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        cwd=ROOT,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    def launch() -> subprocess.CompletedProcess:
+        command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
+        return subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
+
+    result = launch()
+    if result.returncode != 0 and "Signal 11 (SIGSEGV)" in result.stderr:
+        # gloo on torch 2.13's CPU build segfaulted a rank in one of five runs here (2026-12-08), inside a
+        # collective, never in our code: one relaunch; a failed comparison raises AssertionError and fails at once
+        result = launch()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
 
