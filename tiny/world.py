@@ -712,12 +712,12 @@ class NarrativeBuilder:
             prompt = p.pick((f"{_sentence(where)} stretches out, calm and empty.", f"A quiet view of {where}.",
                              f"The camera shows {where} with nothing in it.",
                              f"An empty stretch of {where} under soft light."))
-        elif kind in ("introduce", "glimpse", "new", "cut_introduce", "cut_new"):
+        elif kind in ("introduce", "present", "glimpse", "new", "cut_introduce", "cut_new"):
             if kind.startswith("cut") or not w.scene:
                 w.scene = w.new_scene()
                 stated_background = True
             sid = w.new_subject()
-            if kind != "glimpse" and w.rng.random() < 0.5 and can_enter(num_frames):
+            if kind not in ("glimpse", "present") and w.rng.random() < 0.5 and can_enter(num_frames):
                 motions[sid] = self._enter(num_frames)
             else:
                 w.present[sid] = random_pose(w.rng)
@@ -727,7 +727,7 @@ class NarrativeBuilder:
             else:
                 who, stated[sid] = self._describe(sid, True)
             does = p.action(motions[sid])
-            if kind in ("introduce", "glimpse"):
+            if kind in ("introduce", "present", "glimpse"):
                 if stated_background or w.rng.random() < 0.5:
                     stated_background = True
                     prompt = p.pick((f"In {p.scene(w.scene)}, {who} {does}.", f"{_sentence(who)} {does} in "
@@ -953,11 +953,12 @@ def sample_return_story(
 
 
 def sample_named_clip(rng: np.random.Generator, num_latent_frames: int, chunk_frames: int = CHUNK_FRAMES) -> Narrative:
-    """One prompt that names a subject's colour and shape in a scene: a subject clip as the teacher trains on
-    (:func:`sample_clip`), as a one-segment narrative so the oracle scores its adherence and duplicates."""
+    """One prompt that names a subject's colour and shape in a scene, the subject in view throughout: a subject clip
+    as the teacher trains on (:func:`sample_clip`), as a one-segment narrative so the oracle scores its adherence
+    and duplicates (a subject drawn before it would have entered counts as one too many)."""
     _check_length(num_latent_frames, chunk_frames)
     builder = NarrativeBuilder(rng, chunk_frames)
-    builder.beat("introduce", 0, num_latent_frames)
+    builder.beat("present", 0, num_latent_frames)
     return builder.build("named_clip", num_latent_frames)
 
 

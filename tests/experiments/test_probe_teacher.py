@@ -99,6 +99,7 @@ def test_named_clips_state_colour_and_shape_and_their_truth_scores_perfectly() -
     oracle = Oracle()
     stories = [named_clip_from_seed(seed, 9) for seed in split_seeds("validation", 6)]
     assert all(len(s.segments) == 1 and s.segments[0].stated == {0: ("colour", "shape")} for s in stories)
+    assert all(s.visible.all() for s in stories)  # in view throughout, as the teacher's clips have it: none enters
     truth = probe.mean_row([probe.named_scores(oracle.evaluate(s, s.frames)) for s in stories])
     assert truth == {"presence": 1.0, "adherence": 1.0, "duplicate_rate": 0.0}
     blank = [np.broadcast_to(s.frames[:, :1, :1], s.frames.shape) for s in stories]  # every pixel the corner's
