@@ -470,9 +470,9 @@ def probe_named(cfg_path: str, overrides: list[str], clips: int, frames: int, sp
     videos = sample_clips(teacher, text, vae, stories, (plan.latent_height, plan.latent_width), sampler,
                           int(plan.config.seed))  # fmt: skip
     oracle = Oracle()
-    truth = [roundtrip_frames(vae, s.frames) for s in stories]
+    roundtrip = [roundtrip_frames(vae, s.frames) for s in stories]
     rows = {name: mean_row([named_scores(oracle.evaluate(s, v)) for s, v in zip(stories, vids, strict=True)])
-            for name, vids in (("teacher", videos), ("vae_roundtrip", truth))}  # fmt: skip
+            for name, vids in (("teacher", videos), ("vae_roundtrip", roundtrip))}  # fmt: skip
     if sheet:
         Image.fromarray(story_sheet(stories, {"teacher": videos}, plan.stream.num_frame_per_block)).save(sheet)
     ceiling = rows["vae_roundtrip"]["adherence"]
