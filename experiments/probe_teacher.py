@@ -96,16 +96,17 @@ DRAWN = 0.5  # subject coverage of a latent cell at which own_past counts a subj
 RELIANCE_SIGMAS = (0.5, 0.7, 0.85, 0.95)  # noise levels of the return at which sighting_reliance is measured
 
 
-def _text_encoder(plan: RunPlan) -> TextEncoder:
+def load_run(cfg_path: str, overrides: list[str]) -> tuple[RunPlan, TextEncoder, WanVAE]:
+    """The inference config's plan (made in a scratch output folder, so the probe writes nothing), its text encoder
+    and its VAE."""
+    with tempfile.TemporaryDirectory() as scratch:
+        plan = plan_run(load_config(cfg_path, [*overrides, f"output_folder={scratch}", "save_trace=false"]))
     cfg = plan.config
-    return load_text_encoder(cfg.text_encoder, cfg.weights_dir, text_len=plan.dit.text_len,
+    text = load_text_encoder(cfg.text_encoder, cfg.weights_dir, text_len=plan.dit.text_len,
                              text_dim=plan.dit.text_dim, device=plan.device, dtype=plan.dtype)  # fmt: skip
-
-
-def _vae(plan: RunPlan) -> WanVAE:
-    cfg = plan.config
-    return load_vae(cfg.vae, cfg.weights_dir, channels=plan.dit.out_dim, device=plan.device, dtype=plan.dtype,
-                    seed=cfg.seed)  # fmt: skip
+    vae = load_vae(cfg.vae, cfg.weights_dir, channels=plan.dit.out_dim, device=plan.device, dtype=plan.dtype,
+                   seed=cfg.seed)  # fmt: skip
+    return plan, text, vae
 
 
 def load_teacher(cfg) -> WanDiT:
@@ -463,9 +464,7 @@ def probe_named(cfg_path: str, overrides: list[str], clips: int, frames: int, sp
     (``tiny.world.named_clip_from_seed``: one subject, its colour and shape stated, as the teacher trains on)
     against their VAE round trip, the ceiling."""
     stories = [named_clip_from_seed(seed, frames) for seed in split_seeds(split, clips)]
-    with tempfile.TemporaryDirectory() as scratch:
-        plan = plan_run(load_config(cfg_path, [*overrides, f"output_folder={scratch}", "save_trace=false"]))
-    text, vae = _text_encoder(plan), _vae(plan)
+    plan, text, vae = load_run(cfg_path, overrides)
     teacher = load_teacher(plan.config).eval().requires_grad_(False)
     videos = sample_clips(teacher, text, vae, stories, (plan.latent_height, plan.latent_width), sampler,
                           int(plan.config.seed))  # fmt: skip
@@ -492,10 +491,8 @@ def probe(cfg_path: str, overrides: list[str], clips: int, frames: int, gap: int
     except ValueError as err:
         raise ConfigError(f"--frames {frames} --gap {gap}: {err} (at least "
                           f"{min_return_clip_latent_frames(gap)} frames for this gap)") from None  # fmt: skip
-    with tempfile.TemporaryDirectory() as scratch:
-        cfg = load_config(cfg_path, [*overrides, f"output_folder={scratch}", "save_trace=false"])
-        plan = plan_run(cfg)
-    text, vae = _text_encoder(plan), _vae(plan)
+    plan, text, vae = load_run(cfg_path, overrides)
+    cfg = plan.config
     common = {"clips": clips, "split": split, "latent_frames": frames, "gap": gap, "config": str(cfg_path),
               "overrides": overrides}  # fmt: skip
     if forced:
