@@ -5,15 +5,12 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from memflow.config import StreamConfig, dit_config
 from memflow.context import CallPlan
 from pipeline.benchmark import main
 from pipeline.speed import call_flops
-from utils.config import run_cli
 
-from ..conftest import ROOT
+from ..conftest import ROOT, refusal
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
 MODES = ("none", "nam", "nam_sma")
@@ -65,9 +62,6 @@ def test_flops_of_a_call_count_the_attended_keys():
 
 
 def test_benchmark_rejects_bad_resolution_in_one_line(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, ["--preset", "tiny", "--height", "40", "--json"])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
+    assert refusal(main, ["--preset", "tiny", "--height", "40", "--json"], capsys) == (
         "error: --height 40 must be a positive multiple of 16 (VAE stride x DiT patch)"
-    ]
+    )
